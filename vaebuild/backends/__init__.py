@@ -1,0 +1,1 @@
+"""Engine backends: full TensorRT and TensorRT for RTX, both driven through Polygraphy."""

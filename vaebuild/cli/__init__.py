@@ -1,0 +1,29 @@
+"""The `vaebuild` command line. Commands only parse options and call library functions."""
+
+import typer
+
+from vaebuild.cli.export import export
+
+app = typer.Typer(
+    name="vaebuild",
+    help="Build fast, verified inference engines for the Qwen-Image VAE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def root():
+    """Build fast, verified inference engines for the Qwen-Image VAE.
+
+    Exit codes: 0 ok, 2 user error, 3 backend not installed, 4 mismatch against PyTorch.
+    """
+
+
+app.command(name="export")(export)
+
+
+def main():
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,44 @@
+"""`vaebuild export`."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vaebuild.cli.errors import reports_errors
+from vaebuild.cli.options import (
+    ConfigOption,
+    DeviceOption,
+    Fold3dOption,
+    ModelOption,
+    OpsetOption,
+    PrecisionOption,
+    RandomInitOption,
+    SeedOption,
+    export_options,
+    model_source,
+)
+
+
+@reports_errors
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Directory for vae_encoder.onnx, vae_decoder.onnx and the record.")],
+    model: ModelOption = None,
+    random_init: RandomInitOption = False,
+    seed: SeedOption = 0,
+    config: ConfigOption = None,
+    precision: PrecisionOption = "fp16",
+    opset: OpsetOption = None,
+    fold: Fold3dOption = True,
+    device: DeviceOption = "auto",
+):
+    """Export the VAE encoder and decoder to ONNX and check both against PyTorch."""
+    from vaebuild.export import export_onnx
+    from vaebuild.model_source import load_vae
+
+    source = model_source(model, random_init, seed, config)
+    options = export_options(precision, opset, fold, device)
+    typer.echo(f"loading VAE ({source.describe()['kind']}) ...")
+    vae = load_vae(source)
+    export_onnx(vae, source.describe(), out, options, log=typer.echo)
+    typer.echo(f"wrote {out}/vae_encoder.onnx, {out}/vae_decoder.onnx, {out}/export_record.json")

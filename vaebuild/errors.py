@@ -1,0 +1,37 @@
+"""The one exception family the CLI turns into a one-line message and an exit code.
+
+Exit codes (documented in the README):
+    2  user error: bad path, bad option, bad spec, bad model folder
+    3  backend missing: the chosen runtime/builder package is not installed
+    4  mismatch: an export or engine disagrees with PyTorch beyond tolerance
+"""
+
+
+class VaebuildError(Exception):
+    """Base class: a problem the user can fix; printed as one line without a traceback."""
+
+    exit_code = 2
+
+
+class UserInputError(VaebuildError):
+    """A path, option or file given by the user is wrong."""
+
+
+class SpecError(UserInputError):
+    """A profile spec file is invalid; the message names the file and the YAML key."""
+
+
+class ModelLoadError(UserInputError):
+    """The VAE could not be loaded from the given source."""
+
+
+class BackendMissingError(VaebuildError):
+    """The backend package (TensorRT, TensorRT-RTX, Polygraphy, ...) is not installed."""
+
+    exit_code = 3
+
+
+class MismatchError(VaebuildError):
+    """An exported graph or built engine differs from the PyTorch reference beyond tolerance."""
+
+    exit_code = 4

@@ -1,0 +1,183 @@
+"""Where the VAE comes from: a local folder, a cached Hugging Face id, a single file, or seeded random init.
+
+`--random-init` is only ever used when the user asks for it; every other source either loads
+real weights or fails with a one-line `ModelLoadError`.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaebuild.errors import ModelLoadError, UserInputError
+
+VAE_CLASS_NAME = "AutoencoderKLQwenImage"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A description of where to load the VAE from. Exactly one of `model` or `random_init`."""
+
+    model: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    config: str | None = None  # optional config.json for a single-file checkpoint
+
+    def __post_init__(self):
+        if bool(self.model) == bool(self.random_init):
+            raise UserInputError(
+                "choose the VAE: pass --model PATH_OR_HF_ID, or --random-init for the Qwen-Image "
+                "architecture with seeded random weights"
+            )
+
+    def describe(self):
+        """A JSON-ready description for build records."""
+        if self.random_init:
+            return {"kind": "random-init", "seed": self.seed, "class": VAE_CLASS_NAME}
+        return {"kind": self._kind(), "model": self.model}
+
+    def _kind(self):
+        path = Path(self.model)
+        if path.is_file():
+            return "single-file"
+        if path.is_dir():
+            return "pipeline-folder" if (path / "vae").is_dir() else "vae-folder"
+        return "hf-cache"
+
+
+def load_vae(source: ModelSource):
+    """Load the VAE described by `source` in float32, in eval mode, on the CPU."""
+    from diffusers import AutoencoderKLQwenImage
+    import torch
+
+    if source.random_init:
+        torch.manual_seed(source.seed)
+        vae = AutoencoderKLQwenImage()
+        _randomize_norm_gains(vae, source.seed)
+        return vae.eval()
+    path = Path(source.model)
+    if path.is_file():
+        return _load_single_file(path, source.config).eval()
+    if path.is_dir():
+        return _load_folder(path).eval()
+    if _looks_like_path(source.model):
+        raise ModelLoadError(f"model path '{source.model}' does not exist; pass an existing folder or file")
+    return _load_folder(_cached_snapshot(source.model)).eval()
+
+
+def _randomize_norm_gains(vae, seed):
+    """Give RMS-norm gains non-trivial values so random-init tests exercise every parameter."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith(".gamma"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+
+
+def _looks_like_path(text):
+    return text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text).suffix != ""
+
+
+def _vae_folder(path: Path) -> Path:
+    if (path / "vae" / "config.json").is_file():
+        return path / "vae"
+    if (path / "config.json").is_file():
+        return path
+    raise ModelLoadError(
+        f"'{path}' has neither config.json nor vae/config.json; pass a diffusers pipeline folder or its vae/ folder"
+    )
+
+
+def _load_folder(path: Path):
+    from diffusers import AutoencoderKLQwenImage
+
+    folder = _vae_folder(path)
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON ({err}); re-download or fix it") from None
+    if class_name not in (None, VAE_CLASS_NAME):
+        raise ModelLoadError(
+            f"{folder / 'config.json'} describes {class_name}, not {VAE_CLASS_NAME}; pass the Qwen-Image VAE folder"
+        )
+    try:
+        return AutoencoderKLQwenImage.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as err:  # diffusers raises many types for corrupt or partial weights
+        raise ModelLoadError(f"could not load weights from {folder}: {_one_line(err)}") from None
+
+
+def _load_single_file(path: Path, config_path):
+    from diffusers import AutoencoderKLQwenImage
+
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"'{path}' is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}); pass a folder or a checkpoint")
+    config = {}
+    if config_path:
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"could not read --config {config_path}: {_one_line(err)}") from None
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        vae = AutoencoderKLQwenImage(**config)
+    except TypeError as err:
+        raise ModelLoadError(f"--config {config_path} is not an {VAE_CLASS_NAME} config: {_one_line(err)}") from None
+    state = _read_state_dict(path)
+    if not any(key.startswith("decoder.mid_block.") for key in state):
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        state = convert_wan_vae_to_diffusers(state)
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path} does not match the {VAE_CLASS_NAME} config ({len(missing)} missing keys, e.g. "
+            f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}); pass --config for its architecture"
+        )
+    return vae
+
+
+def _read_state_dict(path: Path):
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    except Exception as err:
+        raise ModelLoadError(f"could not read checkpoint {path}: {_one_line(err)}") from None
+
+
+def _cached_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["vae/*", "config.json", "*.safetensors"]))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        raise ModelLoadError(
+            f"'{repo_id}' is not in the local Hugging Face cache and vaebuild never downloads; run "
+            f"`hf download {repo_id} --include 'vae/*'` on a connected machine, or pass --model /path/to/folder"
+        ) from None
+
+
+def weights_sha256(module) -> str:
+    """Hash of a module's parameters and buffers (names, dtypes, shapes and bytes), independent of file format."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) < 300 else text[:297] + "..."
