@@ -7,7 +7,10 @@ ONNX Runtime. Files appear under their final names only after every check passed
 """
 
 import copy
+import json
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,9 +72,8 @@ def export_onnx(vae, source_description, out_dir, options=ExportOptions(), log=p
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"--out {out_dir} is a file; pass a directory")
-    log(f"weights sha256 ... ", end="")
     weights_hash = weights_sha256(vae)
-    log(weights_hash[:16])
+    log(f"weights sha256 {weights_hash[:16]}...")
     graph_modules = build_graphs(vae, fold=options.fold)
     record_graphs, parity = {}, []
     with atomic_directory(out_dir) as staging:
@@ -120,6 +122,28 @@ def export_onnx(vae, source_description, out_dir, options=ExportOptions(), log=p
     return record
 
 
+def export_unless_current(vae, source_description, out_dir, options=ExportOptions(), log=print):
+    """`export_onnx`, unless `out_dir` already holds an intact export of the same weights and options."""
+    record_path = Path(out_dir) / RECORD_NAME
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        same = (
+            record.get("weights_sha256") == weights_sha256(vae)
+            and record.get("precision") == options.precision
+            and record.get("opset") == options.resolved_opset()
+            and record.get("single_frame_fold") == options.fold
+            and record.get("vaebuild_version") == vaebuild.__version__
+            and all(
+                (Path(out_dir) / g["file"]).is_file() and sha256_file(Path(out_dir) / g["file"]) == g["sha256"]
+                for g in record.get("graphs", {}).values()
+            )
+        )
+        if same:
+            log(f"ONNX in {out_dir} is up to date, export skipped")
+            return record
+    return export_onnx(vae, source_description, out_dir, options, log)
+
+
 def _feed_size(description, options):
     if description.name == "encoder":
         return options.check_height, options.check_width
@@ -147,7 +171,10 @@ def _trace_to_onnx(module, description, path, opset, device, dtype):
         }
     }
     _rename_forward_argument(module, description.input_name)
-    with torch.no_grad():
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             module,
             (example,),

@@ -48,6 +48,9 @@ def import_polygraphy_trt(backend: str) -> PolygraphyTrt:
     trt = _import_backend_module(backend)
     select_polygraphy_backend(backend)
     from polygraphy.backend import trt as loaders
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # vaebuild prints its own per-engine status lines
 
     if backend == "tensorrt_rtx":
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX as create_config

@@ -2,6 +2,7 @@
 
 import typer
 
+from vaebuild.cli.build import multiprofile, static
 from vaebuild.cli.export import export
 
 app = typer.Typer(
@@ -22,6 +23,8 @@ def root():
 
 
 app.command(name="export")(export)
+app.command(name="static")(static)
+app.command(name="multiprofile")(multiprofile)
 
 
 def main():
