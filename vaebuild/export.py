@@ -48,6 +48,8 @@ class ExportOptions:
             raise UserInputError(
                 f"--opset {self.opset} is too old for {self.precision}; use --opset {min_opset} or newer"
             )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserInputError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
         for side in (self.check_height, self.check_width):
             if side < 16 or side % 8:
                 raise UserInputError(f"parity-check side {side} must be a multiple of 8 and at least 16")

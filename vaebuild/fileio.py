@@ -10,11 +10,11 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_output(final_path):
+def atomic_output(final_path, suffix=".partial"):
     """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds."""
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".partial", dir=final_path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=suffix, dir=final_path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -130,6 +130,15 @@ def _load_single_file(path: Path, config_path):
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
         state = convert_wan_vae_to_diffusers(state)
+    model_state = vae.state_dict()
+    reshaped = [key for key, tensor in state.items() if key in model_state and tensor.shape != model_state[key].shape]
+    if reshaped:  # load_state_dict raises a many-line RuntimeError for these even with strict=False
+        key = reshaped[0]
+        raise ModelLoadError(
+            f"{path} does not match the {VAE_CLASS_NAME} config ({len(reshaped)} tensors of other shapes, e.g. {key} "
+            f"is {list(state[key].shape)} in the file, {list(model_state[key].shape)} in the config); "
+            "pass --config for its architecture"
+        )
     missing, unexpected = vae.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(
