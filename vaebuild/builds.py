@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import vaebuild
+from vaebuild.backends.trt_import import import_polygraphy_trt
 from vaebuild.engine_build import BuildOptions, build_engine
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
@@ -42,6 +43,12 @@ def planned_engines(spec, kind, record):
     return [(f"vae_{graph}_multi_profile.trt", graph, list(spec.profiles)) for graph in GRAPHS]
 
 
+def check_before_export(kind, spec, options: BuildOptions):
+    """Raise the errors a build would raise that need no export (spec kind, backend not installed)."""
+    planned_engines(spec, kind, record=None)
+    import_polygraphy_trt(options.backend)
+
+
 def profile_shapes(graph, profile, record):
     """(min, opt, max) input shapes of `graph` for one spec profile, sized for the exported model."""
     config = record["vae_config"]
@@ -58,6 +65,8 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
     plan = planned_engines(spec, kind, record)
+    # Engines only load in the builder's own version: an upgraded backend must rebuild them.
+    backend_version = import_polygraphy_trt(options.backend).trt.__version__
     planned_paths = {rel_path for rel_path, _, _ in plan}
     previous_entries = {e["path"]: e for e in previous["engines"]}
     kept = [e for e in previous["engines"] if e["path"] not in planned_paths and (out_dir / e["path"]).is_file()]
@@ -79,7 +88,11 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         graph_record = record["graphs"][graph]
         requested = [{graph_record["input"]["name"]: profile_shapes(graph, p, record)} for p in profiles]
         key = build_key(
-            onnx_sha256=graph_record["sha256"], profiles=requested, options=_options_dict(options), backend=options.backend
+            onnx_sha256=graph_record["sha256"],
+            profiles=requested,
+            options=_options_dict(options),
+            backend=options.backend,
+            backend_version=backend_version,
         )
         prefix = f"[{index}/{len(plan)}] {rel_path}"
         old = previous_entries.get(rel_path)

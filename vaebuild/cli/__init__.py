@@ -2,8 +2,10 @@
 
 import typer
 
+from vaebuild.cli.bench import bench
 from vaebuild.cli.build import multiprofile, static
 from vaebuild.cli.export import export
+from vaebuild.cli.verify import verify
 
 app = typer.Typer(
     name="vaebuild",
@@ -25,6 +27,8 @@ def root():
 app.command(name="export")(export)
 app.command(name="static")(static)
 app.command(name="multiprofile")(multiprofile)
+app.command(name="verify")(verify)
+app.command(name="bench")(bench)
 
 
 def main():

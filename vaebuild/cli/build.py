@@ -66,7 +66,7 @@ def _parse_compute_capabilities(values):
 
 
 def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_args):
-    from vaebuild.builds import build_engines, export_for_build
+    from vaebuild.builds import build_engines, check_before_export, export_for_build
     from vaebuild.engine_build import BuildOptions
     from vaebuild.specs import default_spec_path, load_spec
 
@@ -82,6 +82,7 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
     if ratios:
         loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
     if onnx is None:
+        check_before_export(kind, loaded, options)  # fail now, not after a long export
         onnx = export_for_build(model_source(*source_args), export_options(*export_args), out, log=typer.echo)
     elif any(source_args[:2]):
         raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")

@@ -1,0 +1,530 @@
+"""`vaebuild bench`: standalone VAE latency per image size, diffusers 3-D vs vaebuild 2-D vs built engines.
+
+Rows, for the encoder and the decoder separately at each size:
+    3-D eager   diffusers `AutoencoderKLQwenImage.encode()` / `.decode()`: the PyTorch baseline
+    2-D eager   vaebuild's exact single-frame graphs (`graphs.build_graphs`), eager PyTorch
+    engine      every engine of `--engines DIR` that serves the size, through `runtime.TrtVae`
+                (never its PyTorch fallback); otherwise the row says "not run: <reason>"
+
+Timing: `warmup` untimed calls, then `runs` timed calls; CUDA events on a GPU, `time.perf_counter`
+on a CPU; median and p90 (nearest rank). Speedup = the 3-D median of the same size and graph, measured
+in the same run, divided by the row's median. Peak memory is `torch.cuda.max_memory_allocated`, reset
+before each row (it includes resident weights, and not TensorRT's own allocations). FLOPs are counted
+once per size on the meta device (`torch.utils.flop_counter`), so they cost no device time.
+"""
+
+import copy
+import math
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import vaebuild
+from vaebuild.errors import UserInputError, VaebuildError
+
+GPU_WARMUP, GPU_RUNS = 3, 10
+CPU_WARMUP, CPU_RUNS = 1, 3
+GRAPHS = ("decoder", "encoder")  # table order
+ROW_3D, ROW_2D = "3-D eager", "2-D eager"
+NOT_RUN = "not run"
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """One image size; `name` says where it came from (a spec profile name or the `--sizes` text)."""
+
+    name: str
+    height: int
+    width: int
+
+    @property
+    def label(self) -> str:
+        """`WxH`, as the tables print sizes."""
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure; None means the device's default (see `resolve`)."""
+
+    sizes: tuple[BenchSize, ...]
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str | None = None  # default: bf16 on cuda, fp32 on cpu
+    warmup: int | None = None
+    runs: int | None = None
+    batch: int = 1
+    engines: Path | None = None
+    flops: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.sizes:
+            raise UserInputError("no sizes to benchmark; pass --sizes WxH[,WxH...]")
+        for name, value, low in (("--warmup", self.warmup, 0), ("--runs", self.runs, 1), ("--batch", self.batch, 1)):
+            if value is not None and value < low:
+                raise UserInputError(f"{name} {value} must be at least {low}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserInputError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.precision is not None:
+            from vaebuild.precision import get_precision
+
+            get_precision(self.precision)
+
+    def resolve(self):
+        """(torch device, precision name, warmup, runs) with the device defaults filled in."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserInputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if use_cuda else "cpu")
+        precision = self.precision or ("bf16" if use_cuda else "fp32")
+        warmup = self.warmup if self.warmup is not None else (GPU_WARMUP if use_cuda else CPU_WARMUP)
+        runs = self.runs if self.runs is not None else (GPU_RUNS if use_cuda else CPU_RUNS)
+        return device, precision, warmup, runs
+
+
+def default_sizes():
+    """The five T2I static sizes and the nine I2I multi-profile opt sizes of the shipped specs, in file order."""
+    from vaebuild.specs import RoundingWarning, default_spec_path, load_spec
+
+    sizes, seen = [], set()
+    for kind in ("static", "multiprofile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoundingWarning)  # 4_3: 1140 -> 1136, documented in the spec
+            spec = load_spec(default_spec_path(kind))
+        for profile in spec.profiles:
+            key = (profile.opt.height, profile.opt.width)
+            if key not in seen:
+                seen.add(key)
+                sizes.append(BenchSize(profile.name, *key))
+    return tuple(sizes)
+
+
+def parse_sizes(text):
+    """`"1328x1328,512x512"` (width x height) -> BenchSizes; sides must be multiples of 8, at least 16."""
+    sizes = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        width, sep, height = item.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise UserInputError(f"--sizes entry {item!r} must look like 1328x1328 (width x height)")
+        width, height = int(width), int(height)
+        for side in (width, height):
+            if side < 16 or side % 8:
+                raise UserInputError(f"--sizes entry {item!r}: sides must be multiples of 8 and at least 16")
+        sizes.append(BenchSize(item, height, width))
+    if not sizes:
+        raise UserInputError("--sizes is empty; pass e.g. 1328x1328,512x512")
+    return tuple(sizes)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def time_calls(fn, device, warmup, runs):
+    """Milliseconds of `runs` calls of `fn` after `warmup` untimed ones (CUDA events on a GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def summarize(times):
+    """median, p90 (nearest rank) and min of a list of milliseconds."""
+    ordered = sorted(times)
+    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+    return {"median_ms": statistics.median(ordered), "p90_ms": p90, "min_ms": ordered[0]}
+
+
+def count_flops(vae_config, sizes, batch):
+    """{(size label, graph): {row: FLOP count}} for the 3-D and 2-D rows, counted on the meta device."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vaebuild.graphs import build_graphs
+
+    with torch.device("meta"):
+        meta_vae = AutoencoderKLQwenImage.from_config(vae_config).eval()
+    encoder2d, decoder2d = build_graphs(meta_vae)
+    calls = {
+        "encoder": {ROW_3D: lambda x: meta_vae.encode(x), ROW_2D: encoder2d},
+        "decoder": {ROW_3D: lambda z: meta_vae.decode(z), ROW_2D: decoder2d},
+    }
+    scale = meta_vae.spatial_compression_ratio
+    flops = {}
+    for size in sizes:
+        inputs = {
+            "encoder": torch.empty(batch, vae_config["input_channels"], 1, size.height, size.width, device="meta"),
+            "decoder": torch.empty(
+                batch, vae_config["z_dim"], 1, size.height // scale, size.width // scale, device="meta"
+            ),
+        }
+        for graph in GRAPHS:
+            for row, fn in calls[graph].items():
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    fn(inputs[graph])
+                flops.setdefault((size.label, graph), {})[row] = counter.get_total_flops()
+    return flops
+
+
+class _Row:
+    """Accumulates one result row as a JSON-ready dict."""
+
+    def __init__(self, size, graph, row, kind):
+        self.data = {
+            "size": size.label,
+            "name": size.name,
+            "height": size.height,
+            "width": size.width,
+            "graph": graph,
+            "row": row,
+            "kind": kind,
+            "status": "ok",
+            "reason": None,
+            "median_ms": None,
+            "p90_ms": None,
+            "min_ms": None,
+            "times_ms": None,
+            "speedup_vs_3d": None,
+            "flop": None,
+            "tflop": None,
+            "peak_mem_mib": None,
+            "load_seconds": None,
+        }
+
+    def not_run(self, reason):
+        self.data.update(status=NOT_RUN, reason=reason)
+
+
+def _measure_row(row, fn, device, warmup, runs):
+    """Time `fn` into `row`; a CUDA out-of-memory error marks the row not run instead of ending the run."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        times = time_calls(fn, device, warmup, runs)
+    except torch.OutOfMemoryError as err:
+        row.not_run(f"CUDA out of memory ({' '.join(str(err).split())[:160]})")
+        return
+    row.data.update(summarize(times), times_ms=[round(t, 4) for t in times])
+    if device.type == "cuda":
+        row.data["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_bench(vae, model_description, options: BenchOptions, *, log=print, command=None,
+              runner_factory=None, unavailable_reason=None):
+    """Measure every row of `options` for `vae` (not modified: the rows run on copies); return the JSON-ready result.
+
+    `runner_factory` and `unavailable_reason` are handed to `runtime.TrtVae` (tests inject fakes).
+    """
+    import torch
+
+    from vaebuild.graphs import build_graphs
+    from vaebuild.inputs import sample_images, sample_latents
+    from vaebuild.precision import get_precision
+
+    device, precision, warmup, runs = options.resolve()
+    dtype = get_precision(precision).dtype
+    started = time.perf_counter()
+    config = dict(vae.config)
+    scale = vae.spatial_compression_ratio
+    for size in options.sizes:
+        if size.height % scale or size.width % scale:
+            raise UserInputError(f"size {size.label} is not a multiple of {scale}, the VAE's downsampling factor")
+
+    engines_info, trt_vae = _open_engines(vae, options, device, runner_factory, unavailable_reason, log)
+    log(f"preparing models on {_device_name(device)} in {precision} ...")
+    encoder2d, decoder2d = (m.to(device=device, dtype=dtype) for m in build_graphs(vae))  # copies
+    # nn.Module.to: diffusers' own `to` warns about float32-kept modules even when there are none (this VAE).
+    vae3d = torch.nn.Module.to(copy.deepcopy(vae), device=device, dtype=dtype).eval()
+    flops = {}
+    if options.flops:
+        log("counting FLOPs on the meta device ...")
+        flops = count_flops({k: v for k, v in config.items() if not k.startswith("_")}, options.sizes, options.batch)
+
+    calls = {
+        "encoder": {ROW_3D: lambda x: vae3d.encode(x).latent_dist.parameters, ROW_2D: encoder2d},
+        "decoder": {ROW_3D: lambda z: vae3d.decode(z).sample, ROW_2D: decoder2d},
+    }
+    rows = []
+    total = len(options.sizes) * len(GRAPHS) * (3 if options.engines is not None else 2)
+    with torch.no_grad():
+        for size in options.sizes:
+            batch = options.batch
+            inputs = {
+                "encoder": sample_images((batch, config["input_channels"], 1, size.height, size.width), options.seed),
+                "decoder": sample_latents(
+                    (batch, config["z_dim"], 1, size.height // scale, size.width // scale), vae.config, options.seed
+                ),
+            }
+            for graph in GRAPHS:
+                x = inputs[graph].to(device=device, dtype=dtype)
+                baseline = None
+                for row_name, fn in calls[graph].items():
+                    row = _Row(size, graph, row_name, "pytorch-3d" if row_name == ROW_3D else "pytorch-2d")
+                    flop = flops.get((size.label, graph), {}).get(row_name)
+                    row.data.update(flop=flop, tflop=None if flop is None else round(flop / 1e12, 3))
+                    _measure_row(row, lambda fn=fn: fn(x), device, warmup, runs)
+                    if row_name == ROW_3D:
+                        baseline = row.data["median_ms"]
+                    rows.append(_finish(row, baseline, rows, total, log))
+                if options.engines is not None:
+                    row = _engine_row(trt_vae, engines_info, size, graph, x, device, warmup, runs)
+                    rows.append(_finish(row, baseline, rows, total, log))
+    if trt_vae is not None:
+        trt_vae.release()
+    return {
+        "benchmark": "vaebuild bench",
+        "vaebuild_version": vaebuild.__version__,
+        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "device": _device_info(device),
+        "versions": _versions(),
+        "precision": precision,
+        "batch": options.batch,
+        "warmup": warmup,
+        "runs": runs,
+        "timer": "cuda-event" if device.type == "cuda" else "perf_counter (CPU)",
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "model": model_description,
+        "engines": engines_info,
+        "sizes": [asdict(s) | {"label": s.label} for s in options.sizes],
+        "rows": rows,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _open_engines(vae, options, device, runner_factory, unavailable_reason, log):
+    """(engine info for the JSON, TrtVae or None); a folder that cannot be opened becomes a reason."""
+    if options.engines is None:
+        return None, None
+    from vaebuild.model_source import weights_sha256
+    from vaebuild.runtime import TrtVae, read_engine_dir
+
+    info = {"dir": str(options.engines)}
+    try:
+        manifest, _ = read_engine_dir(options.engines)
+    except UserInputError as err:
+        info["error"] = str(err)
+        return info, None
+    engines = manifest["engines"]
+    info.update(
+        kind=manifest["kind"],
+        precision=manifest["precision"],
+        backends=sorted({e["backend"] for e in engines}),
+        backend_versions=sorted({e["backend_version"] for e in engines}),
+        files=[e["path"] for e in engines],
+        model=manifest.get("model"),
+        weights_match=manifest.get("weights_sha256") == weights_sha256(vae),
+    )
+    if not info["weights_match"]:
+        log(f"note: the engines in {options.engines} were built from other weights than the benchmarked model")
+    trt_vae = TrtVae(
+        options.engines,
+        multi_profile=manifest["kind"] == "multiprofile",
+        device=device,
+        allow_fallback=False,
+        runner_factory=runner_factory,
+        unavailable_reason=unavailable_reason,
+    )
+    return info, trt_vae
+
+
+def _engine_row(trt_vae, info, size, graph, x, device, warmup, runs):
+    from vaebuild.runtime import EngineUnavailableError
+
+    label = f"engine {info.get('kind', '?')} {info.get('precision', '')}".strip()
+    row = _Row(size, graph, label, "engine")
+    if trt_vae is None:
+        row.not_run(info.get("error", "no engine folder"))
+        return row
+    run = trt_vae.encode if graph == "encoder" else trt_vae.decode
+    loaded_before = dict(trt_vae.load_seconds)
+    try:
+        run(x)  # the first call loads the engine: its cost is reported apart from the timed calls
+    except (EngineUnavailableError, VaebuildError) as err:
+        row.not_run(str(err))
+        return row
+    route = trt_vae.last_route[graph]
+    row.data.update(engine=route.engine, profile=route.profile)
+    if trt_vae.load_seconds.get(route.engine) != loaded_before.get(route.engine):
+        row.data["load_seconds"] = round(trt_vae.load_seconds[route.engine], 3)
+    _measure_row(row, lambda: run(x), device, max(0, warmup - 1), runs)
+    return row
+
+
+def _finish(row, baseline, rows, total, log):
+    data = row.data
+    if data["status"] == "ok" and baseline:
+        data["speedup_vs_3d"] = round(baseline / data["median_ms"], 3)
+    for key in ("median_ms", "p90_ms", "min_ms"):
+        data[key] = _round(data[key], 3)
+    where = f"[{len(rows) + 1}/{total}] {data['size']} {data['graph']} {data['row']}"
+    if data["status"] == "ok":
+        speedup = f", {data['speedup_vs_3d']:.2f}x vs 3-D" if data["speedup_vs_3d"] else ""
+        log(f"{where}: median {data['median_ms']:.2f} ms, p90 {data['p90_ms']:.2f} ms{speedup}")
+    else:
+        log(f"{where}: not run: {data['reason']}")
+    return data
+
+
+def _round(value, digits):
+    return None if value is None else round(value, digits)
+
+
+def _device_name(device):
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _device_info(device):
+    import torch
+
+    info = {"type": device.type, "name": _device_name(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+        )
+    else:
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def _versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
+    for name in ("torch", "diffusers", "polygraphy", "tensorrt", "tensorrt_rtx_cu13_bindings"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def render_markdown(result, details=True):
+    """The seed guide's table shape (size | decoder ... | encoder ...), notes, and optionally every row."""
+    rows = result["rows"]
+    engines = result["engines"] is not None
+    by_key = {(r["size"], r["graph"], r["kind"]): r for r in rows}
+    cpu = result["device"]["type"] != "cuda"
+    title = f"VAE latency: {result['device']['name']}, {result['precision']}, batch {result['batch']}"
+    lines = [f"## {title}", ""]
+    if cpu:
+        lines += ["**CPU run**: perf_counter timings on the CPU; not comparable with GPU results.", ""]
+    lines += [
+        f"{result['timer']} timing, {result['warmup']} warm-up calls, median of {result['runs']} runs; "
+        f"torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}, "
+        f"vaebuild {result['vaebuild_version']}; model {_model_text(result['model'])}; {result['timestamp_utc']}.",
+        "",
+    ]
+    names = ["3-D", "2-D"] + (["engine"] if engines else [])
+    header = ["size WxH"]
+    for graph in GRAPHS:
+        header += [
+            f"{graph} TFLOP 3-D / 2-D",
+            f"{graph} ms {' / '.join(names)}",
+            f"{graph} speedup {' / '.join(names[1:])}",
+        ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in result["sizes"]:
+        cells = [size["label"]]
+        for graph in GRAPHS:
+            found = [by_key.get((size["label"], graph, kind)) for kind in ("pytorch-3d", "pytorch-2d", "engine")]
+            found = found[: len(names)]
+            cells.append(" / ".join(_fmt(r and r["tflop"], 2) for r in found[:2]))
+            cells.append(" / ".join(_fmt(r and r["median_ms"], 1) for r in found))
+            cells.append(" / ".join(_fmt(r and r["speedup_vs_3d"], 2, "x") for r in found[1:]))
+        lines.append("| " + " | ".join(cells) + " |")
+    reasons = {}
+    for r in rows:
+        if r["status"] != "ok":
+            reasons.setdefault(r["reason"], []).append(f"{r['size']} {r['graph']} {r['row']}")
+    if reasons:
+        lines += ["", "Not run (shown as -):"]
+        for reason, where in reasons.items():
+            lines.append(f"- {reason} ({len(where)} row(s), e.g. {where[0]})")
+    if engines and result["engines"].get("kind"):
+        e = result["engines"]
+        lines += [
+            "",
+            f"Engines: {e['dir']} ({e['kind']}, {e['precision']}, {', '.join(e['backends'])} "
+            f"{', '.join(e['backend_versions'])}; same weights as the PyTorch rows: {e['weights_match']}).",
+        ]
+    if result.get("command"):
+        lines += ["", f"Command: `{result['command']}`"]
+    if details:
+        lines += ["", "### All rows", "",
+                  "| size WxH | graph | row | median ms | p90 ms | speedup vs 3-D | TFLOP | peak MiB | load s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            note = r["reason"] if r["status"] != "ok" else (r.get("engine") or "")
+            lines.append(
+                f"| {r['size']} | {r['graph']} | {r['row']} | {_fmt(r['median_ms'], 2)} | {_fmt(r['p90_ms'], 2)} | "
+                f"{_fmt(r['speedup_vs_3d'], 2, 'x')} | {_fmt(r['tflop'], 2)} | {_fmt(r['peak_mem_mib'], 0)} | "
+                f"{_fmt(r['load_seconds'], 2)} | {note} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits, suffix=""):
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _model_text(model):
+    if not model:
+        return "?"
+    if model.get("kind") == "random-init":
+        return f"random-init (seed {model.get('seed')})"
+    return f"{model.get('kind')} {model.get('model', '')}".strip()
+
+
+def write_results(result, json_path=None, markdown_path=None):
+    """Write the JSON result and/or the Markdown tables (parent folders are created)."""
+    from vaebuild.fileio import write_json
+
+    if json_path:
+        write_json(Path(json_path), result)
+    if markdown_path:
+        path = Path(markdown_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_markdown(result))

@@ -1,0 +1,448 @@
+"""`TrtVae`: encode and decode through vaebuild's engines, with the exact PyTorch 2-D model as fallback.
+
+It serves both folder layouts `vaebuild static` and `vaebuild multiprofile` write, from the config
+shape LightX2V uses: `{"trt_engine_path": DIR, "multi_profile": bool}` (also accepted nested as
+`{"trt_vae_config": {...}}`). DIR must hold the `manifest.json` vaebuild writes: it says which
+engine serves which shape, its tensor names, precision and backend.
+
+I/O contract (the engines'; the fallback returns the same):
+    encode(images [B, 3, 1, H, W] in [-1, 1]) -> moments [B, 2z, 1, H/8, W/8] = quant_conv(encoder(images));
+        the posterior mean is the first z channels (`encode_mean`, what LightX2V keeps), the rest is logvar.
+    decode(latents [B, z, 1, h, w], already de-normalized) -> images [B, 3, 1, 8h, 8w], clamped to [-1, 1].
+Outputs have the input's dtype; engines run in their own precision (the input is cast to it).
+
+Static mode: an engine pair serves one exact image size. The pair for a size is loaded when that size
+is first requested (each graph on its first use); when a different size is requested, the pair in
+memory is released before the next one loads, so at most one pair is resident. The one-time load
+cost is logged and kept in `load_seconds` (engine path relative to DIR -> seconds).
+
+Multi-profile mode: among the profiles whose min..max range contains the input shape, the one whose
+opt (height, width) is nearest by L1 distance; ties go to the lowest profile index. A profile that
+does not contain the shape is never chosen (LightX2V's choice does not check this); a shape no
+profile contains falls back to PyTorch.
+
+Fallback: the single-frame 2-D PyTorch model (`graphs.build_graphs`, exact for one frame) whenever an
+engine cannot serve a call: no engine for the size or shape, the engine file is missing, the backend
+is not installed or does not support this GPU (`engine_run.runtime_unavailable_reason`), or loading,
+activating or running the engine failed (e.g. CUDA out of memory). Each distinct reason is logged once
+as a warning on the `vaebuild.runtime` logger; `fallback_counts` counts calls per reason. An engine
+that failed to load or run is not retried by the same `TrtVae`. The fallback model is `fallback_vae`
+if given, else loaded on first need from the model source recorded in the manifest.
+
+Engines are created through `runner_factory(engine_path, backend, profile_index)`, by default
+`engine_run.load_trt_runner` (Polygraphy's TrtRunner: activate / infer / set_profile / deactivate);
+tests pass a fake. Not thread-safe: use one TrtVae per thread.
+"""
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaebuild.errors import UserInputError, VaebuildError
+from vaebuild.manifest import MANIFEST_NAME, read_manifest
+
+logger = logging.getLogger("vaebuild.runtime")
+
+GRAPHS = ("encoder", "decoder")
+_SPATIAL = slice(3, 5)
+
+
+class EngineUnavailableError(VaebuildError):
+    """No engine can serve this call (raised instead of falling back when `allow_fallback=False`)."""
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """One optimization profile of an engine: 5-D input shapes, as recorded in the manifest."""
+
+    index: int
+    name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def contains(self, shape) -> bool:
+        """Whether every dimension of `shape` lies within min..max."""
+        return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
+
+    def distance(self, shape) -> int:
+        """L1 distance between the (height, width) of `shape` and of opt."""
+        return sum(abs(s - o) for s, o in zip(shape[_SPATIAL], self.opt[_SPATIAL]))
+
+    def describe(self) -> str:
+        return f"{self.name} {list(self.min)}..{list(self.max)}"
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine file listed in the manifest."""
+
+    rel_path: str
+    path: Path
+    graph: str
+    input_name: str
+    output_name: str
+    backend: str
+    precision: str
+    profiles: tuple[EngineProfile, ...]
+    scale: float  # image side / input side: 1 for the encoder, 8 for the decoder
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the last call of a graph was served: by an engine (and profile) or by PyTorch (and why)."""
+
+    kind: str  # "engine" | "pytorch"
+    engine: str | None = None
+    profile: int | None = None
+    reason: str | None = None
+
+
+def choose_profile(profiles, shape):
+    """The profile for `shape`: among those containing it, nearest opt (H, W) by L1, ties to the lowest index.
+
+    Returns None when no profile contains `shape`.
+    """
+    candidates = [p for p in profiles if p.contains(shape)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda p: (p.distance(shape), p.index))
+
+
+def read_engine_dir(engine_dir):
+    """(manifest, {graph: [EngineEntry]}) of a vaebuild engine folder; UserInputError without a manifest."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise UserInputError(
+            f"trt_engine_path {engine_dir} is not a directory; pass the --out folder of a vaebuild build"
+        )
+    manifest = read_manifest(engine_dir)
+    if manifest is None:
+        raise UserInputError(
+            f"{engine_dir} has no {MANIFEST_NAME}; build the engines with `vaebuild static` or `vaebuild multiprofile`"
+        )
+    entries = {graph: [] for graph in GRAPHS}
+    for raw in manifest["engines"]:
+        profiles = tuple(
+            EngineProfile(i, p["name"], *(tuple(p["input"][level]) for level in ("min", "opt", "max")))
+            for i, p in enumerate(raw["profiles"])
+        )
+        entries[raw["graph"]].append(
+            EngineEntry(
+                rel_path=raw["path"],
+                path=engine_dir / raw["path"],
+                graph=raw["graph"],
+                input_name=raw["input"],
+                output_name=raw["output"],
+                backend=raw["backend"],
+                precision=raw["precision"],
+                profiles=profiles,
+                scale=raw["profiles"][0]["image"]["opt"][0] / raw["profiles"][0]["input"]["opt"][3],
+            )
+        )
+    return manifest, entries
+
+
+def _default_runner_factory(engine_path, backend, profile_index):
+    from vaebuild.engine_run import load_trt_runner
+
+    return load_trt_runner(engine_path, backend, profile_index)
+
+
+def _default_unavailable_reason(backend):
+    from vaebuild.engine_run import runtime_unavailable_reason
+
+    return runtime_unavailable_reason(backend)
+
+
+class TrtVae:
+    """Qwen-Image VAE served by vaebuild engines (static folders or multi-profile), PyTorch 2-D as fallback."""
+
+    def __init__(
+        self,
+        engine_dir,
+        multi_profile,
+        fallback_vae=None,
+        *,
+        device=None,
+        dtype=None,
+        runner_factory=None,
+        unavailable_reason=None,
+        allow_fallback=True,
+    ):
+        """
+        engine_dir: a folder written by `vaebuild static` (multi_profile=False) or `vaebuild multiprofile`.
+        fallback_vae: an AutoencoderKLQwenImage for the PyTorch fallback (default: load the manifest's model
+            source on first need).
+        device: where engines and the fallback run (default: cuda if available, else cpu).
+        dtype: fallback model dtype (default: bfloat16 on cuda, float32 on cpu).
+        runner_factory: `(engine_path, backend, profile_index) -> runner` (default: engine_run.load_trt_runner).
+        unavailable_reason: `backend -> str | None` (default: engine_run.runtime_unavailable_reason).
+        allow_fallback: False raises EngineUnavailableError instead of running PyTorch (benchmarks use this).
+        """
+        import torch
+
+        self.engine_dir = Path(engine_dir)
+        self.multi_profile = bool(multi_profile)
+        self.manifest, self._entries = read_engine_dir(self.engine_dir)
+        expected_kind = "multiprofile" if self.multi_profile else "static"
+        if self.manifest["kind"] != expected_kind:
+            raise UserInputError(
+                f"{self.engine_dir} holds a {self.manifest['kind']} build but multi_profile={self.multi_profile}; "
+                f"set multi_profile={self.manifest['kind'] == 'multiprofile'}"
+            )
+        config = self.manifest["vae_config"]
+        self.z_dim = config["z_dim"]
+        self._channels = {"encoder": config.get("input_channels", 3), "decoder": self.z_dim}
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.allow_fallback = allow_fallback
+        self._runner_factory = runner_factory or _default_runner_factory
+        self._unavailable_reason = unavailable_reason or _default_unavailable_reason
+        self._fallback_vae = fallback_vae
+        self._fallback_graphs = None
+        self._backend_reasons = {}
+        self._runners = {}  # rel_path -> active runner
+        self._runner_profile = {}  # rel_path -> active profile index
+        self._resident_key = None  # static: the profile name (folder) whose engines are in memory
+        self._failed = {}  # rel_path -> reason; never retried
+        self._warned = set()
+        self.load_seconds = {}  # rel_path -> seconds of its most recent load
+        self.fallback_counts = Counter()  # reason -> number of calls served by PyTorch for it
+        self.last_route = {}  # graph -> Route of its most recent call
+
+    @classmethod
+    def from_config(cls, config, fallback_vae=None, **kwargs):
+        """Build from LightX2V's `{"trt_engine_path": DIR, "multi_profile": bool}` (or `{"trt_vae_config": {...}}`)."""
+        trt_config = config.get("trt_vae_config", config)
+        if not trt_config.get("trt_engine_path"):
+            raise UserInputError("the TensorRT VAE config needs trt_engine_path: the folder of a vaebuild build")
+        return cls(trt_config["trt_engine_path"], trt_config.get("multi_profile", False), fallback_vae, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    def encode(self, images):
+        """Moments `[B, 2z, 1, H/8, W/8]` of images `[B, 3, 1, H, W]` in [-1, 1] (engine output; mean = first z)."""
+        return self._run("encoder", images)
+
+    def encode_mean(self, images):
+        """The posterior mean `[B, z, 1, H/8, W/8]`: the first z channels of `encode` (what LightX2V uses)."""
+        return self.encode(images)[:, : self.z_dim]
+
+    def decode(self, latents):
+        """Images `[B, 3, 1, 8h, 8w]` in [-1, 1] of de-normalized latents `[B, z, 1, h, w]`."""
+        return self._run("decoder", latents)
+
+    def release(self):
+        """Deactivate every engine in memory (they load again on their next use)."""
+        for rel_path in list(self._runners):
+            self._release(rel_path)
+        self._resident_key = None
+
+    close = release
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def __del__(self):
+        if getattr(self, "_runners", None):
+            try:
+                self.release()
+            except Exception:  # interpreter shutdown: the runtime may already be gone
+                pass
+
+    @property
+    def resident_engines(self):
+        """Relative paths of the engines now in memory."""
+        return tuple(self._runners)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _run(self, graph, x):
+        import torch
+
+        self._check_input(graph, x)
+        with torch.no_grad():
+            entry, profile, reason = self._plan(graph, tuple(x.shape))
+            if entry is not None:
+                runner, reason = self._runner_for(entry, profile)
+                if runner is not None:
+                    try:
+                        out = self._infer(runner, entry, x)
+                    except Exception as err:  # foreign runtime: CUDA OOM, TensorRT errors, ...
+                        reason = f"running {entry.rel_path} failed: {_one_line(err)}"
+                        self._failed[entry.rel_path] = reason
+                        self._release(entry.rel_path)
+                    else:
+                        self.last_route[graph] = Route("engine", entry.rel_path, profile.index)
+                        return out
+            return self._fallback(graph, x, reason)
+
+    def _check_input(self, graph, x):
+        shape = tuple(x.shape)
+        channels = self._channels[graph]
+        if len(shape) != 5 or shape[1] != channels or shape[2] != 1:
+            what = "images" if graph == "encoder" else "latents"
+            raise UserInputError(
+                f"{graph} input must be {what} [B, {channels}, 1, H, W] (one frame), got {list(shape)}"
+            )
+
+    def _plan(self, graph, shape):
+        """(entry, profile, None) of the engine that serves `shape`, or (None, None, reason)."""
+        entries = self._entries[graph]
+        if not entries:
+            return None, None, f"{self.engine_dir / MANIFEST_NAME} lists no {graph} engine"
+        if self.multi_profile:
+            entry = entries[0]
+            profile = choose_profile(entry.profiles, shape)
+            if profile is None:
+                ranges = "; ".join(p.describe() for p in entry.profiles)
+                return None, None, f"no profile of {entry.rel_path} contains input {list(shape)} (profiles: {ranges})"
+            return entry, profile, None
+        for entry in entries:
+            profile = entry.profiles[0]
+            if profile.opt[_SPATIAL] == shape[_SPATIAL]:
+                if not profile.contains(shape):
+                    return None, None, (
+                        f"static engine {entry.rel_path} takes input {list(profile.opt)}, got {list(shape)}"
+                    )
+                return entry, profile, None
+        scale = entries[0].scale
+        built = ", ".join(f"{e.profiles[0].name} {_image_size(e.profiles[0].opt, scale)}" for e in entries)
+        return None, None, (
+            f"no static engine in {self.engine_dir} for image size {_image_size(shape, scale)} "
+            f"(HxW; {graph} input {list(shape)}; built: {built})"
+        )
+
+    def _runner_for(self, entry, profile):
+        """(active runner set to `profile`, None) or (None, reason); loads lazily, releases the old pair first."""
+        if entry.rel_path in self._failed:
+            return None, self._failed[entry.rel_path]
+        if not entry.path.is_file():
+            return None, f"engine file missing: {entry.path}"
+        reason = self._backend_reason(entry.backend)
+        if reason:
+            return None, f"{entry.backend} engines cannot run here: {reason}"
+        if not self.multi_profile and self._resident_key != profile.name:
+            self.release()  # bounded memory: the previous size's pair goes before the next one loads
+            self._resident_key = profile.name
+        runner = self._runners.get(entry.rel_path)
+        if runner is None:
+            return self._load(entry, profile)
+        if self._runner_profile[entry.rel_path] != profile.index:
+            try:
+                runner.set_profile(profile.index)
+            except Exception as err:
+                reason = f"selecting profile {profile.index} of {entry.rel_path} failed: {_one_line(err)}"
+                self._failed[entry.rel_path] = reason
+                self._release(entry.rel_path)
+                return None, reason
+            self._runner_profile[entry.rel_path] = profile.index
+        return runner, None
+
+    def _load(self, entry, profile):
+        start = time.perf_counter()
+        runner = None
+        try:
+            runner = self._runner_factory(entry.path, entry.backend, profile.index)
+            runner.activate()
+        except Exception as err:  # foreign runtime: CUDA OOM, deserialization errors, ...
+            reason = f"loading {entry.rel_path} failed: {_one_line(err)}"
+            self._failed[entry.rel_path] = reason
+            if runner is not None and getattr(runner, "is_active", False):
+                runner.deactivate()
+            return None, reason
+        seconds = time.perf_counter() - start
+        self._runners[entry.rel_path] = runner
+        self._runner_profile[entry.rel_path] = profile.index
+        self.load_seconds[entry.rel_path] = seconds
+        logger.info("loaded %s (profile %d, %s) in %.2f s", entry.rel_path, profile.index, profile.name, seconds)
+        return runner, None
+
+    def _release(self, rel_path):
+        runner = self._runners.pop(rel_path, None)
+        self._runner_profile.pop(rel_path, None)
+        if runner is not None:
+            runner.deactivate()
+            logger.info("released %s", rel_path)
+
+    def _backend_reason(self, backend):
+        if backend not in self._backend_reasons:
+            self._backend_reasons[backend] = self._unavailable_reason(backend)
+        return self._backend_reasons[backend]
+
+    def _infer(self, runner, entry, x):
+        import torch
+
+        from vaebuild.precision import get_precision
+
+        feed = x.to(device=self.device, dtype=get_precision(entry.precision).dtype).contiguous()
+        if feed.is_cuda:
+            # The runner works on its own stream: make the input's producers finish first.
+            torch.cuda.current_stream(feed.device).synchronize()
+        outputs = runner.infer({entry.input_name: feed}, copy_outputs_to_host=False)
+        out = torch.as_tensor(outputs[entry.output_name])
+        # Runners reuse their output buffers between calls: always return a copy.
+        return out.to(dtype=x.dtype, copy=True)
+
+    # ------------------------------------------------------------------ PyTorch fallback
+
+    def _fallback(self, graph, x, reason):
+        if not self.allow_fallback:
+            raise EngineUnavailableError(reason)
+        self.fallback_counts[reason] += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("%s: using the PyTorch 2-D model instead of an engine: %s", graph, reason)
+        self.last_route[graph] = Route("pytorch", reason=reason)
+        module = self._fallback_graph(graph)
+        return module(x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
+
+    def _fallback_graph(self, graph):
+        if self._fallback_graphs is None:
+            from vaebuild.graphs import build_graphs
+
+            vae = self._fallback_vae if self._fallback_vae is not None else self._load_manifest_model()
+            encoder, decoder = build_graphs(vae, fold=True)
+            self._fallback_graphs = {
+                "encoder": encoder.to(device=self.device, dtype=self.dtype),
+                "decoder": decoder.to(device=self.device, dtype=self.dtype),
+            }
+            self._fallback_vae = None  # the folded copies are all the fallback needs
+        return self._fallback_graphs[graph]
+
+    def _load_manifest_model(self):
+        from vaebuild.model_source import ModelSource, load_vae, weights_sha256
+
+        described = self.manifest.get("model") or {}
+        if described.get("kind") == "random-init":
+            source = ModelSource(random_init=True, seed=described.get("seed", 0))
+        elif described.get("model"):
+            source = ModelSource(model=described["model"])
+        else:
+            raise UserInputError(
+                f"{self.engine_dir / MANIFEST_NAME} does not say where its model came from ({described!r}); "
+                "pass fallback_vae= for the PyTorch fallback"
+            )
+        logger.info("loading the PyTorch fallback VAE from the manifest's model source %s", described)
+        vae = load_vae(source)
+        if weights_sha256(vae) != self.manifest.get("weights_sha256"):
+            logger.warning(
+                "the fallback VAE from %s has other weights than the engines in %s were built from",
+                described, self.engine_dir,
+            )
+        return vae
+
+
+def _image_size(shape, scale):
+    return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
+
+
+def _one_line(err) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) < 300 else text[:297] + "..."
