@@ -1,5 +1,9 @@
 """Shared pytest setup."""
 
+import importlib
+
+import pytest
+
 from vaebuild.backends.trt_import import select_polygraphy_backend
 
 # Polygraphy binds one TensorRT flavour per process, at its first import. Tests build engines with
@@ -7,7 +11,19 @@ from vaebuild.backends.trt_import import select_polygraphy_backend
 select_polygraphy_backend("tensorrt_rtx")
 
 
-import pytest  # noqa: E402
+def importable(module_name):
+    """Whether `module_name` imports here."""
+    try:
+        importlib.import_module(module_name)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+requires_rtx = pytest.mark.skipif(
+    not importable("tensorrt_rtx_bindings"),
+    reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)",
+)
 
 TINY_CONFIG = {"base_dim": 16, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}
 

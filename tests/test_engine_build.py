@@ -16,24 +16,15 @@ from vaebuild.backends.trt_import import import_polygraphy_trt
 from vaebuild.engine_build import BuildOptions, build_engine
 from vaebuild.errors import BackendMissingError, UserInputError, VaebuildError
 from vaebuild.fileio import sha256_file
+from conftest import importable as _importable, requires_rtx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RTX = BuildOptions(backend="tensorrt_rtx")
 STATIC_SHAPE = (1, 4, 1, 16, 16)
 
 
-def _importable(module_name):
-    try:
-        importlib.import_module(module_name)
-    except (ImportError, OSError):
-        return False
-    return True
 
 
-requires_rtx = pytest.mark.skipif(
-    not _importable("tensorrt_rtx_bindings"),
-    reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)",
-)
 
 
 def write_tiny_vae_like_onnx(path):

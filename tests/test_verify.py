@@ -5,7 +5,6 @@ every test that changes a file works on a copy. The TensorRT runtime cannot run 
 so `trt` rows are `not run` here; one test swaps in a stand-in runner to drive their comparison path.
 """
 
-import importlib
 import json
 import shutil
 import textwrap
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 from vaebuild.cli.verify import verify as verify_command
 from vaebuild.errors import MismatchError, UserInputError
 from vaebuild.fileio import sha256_file
+from conftest import requires_rtx
 from vaebuild.verify import (
     DEFAULT_TOLERANCES,
     FAIL,
@@ -36,18 +36,9 @@ from vaebuild.verify import (
 )
 
 
-def _importable(module_name):
-    try:
-        importlib.import_module(module_name)
-    except (ImportError, OSError):
-        return False
-    return True
 
 
-pytestmark = pytest.mark.skipif(
-    not _importable("tensorrt_rtx_bindings"),
-    reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)",
-)
+pytestmark = requires_rtx
 
 STATIC_SPEC = """\
     kind: static

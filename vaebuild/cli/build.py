@@ -90,57 +90,40 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
     typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")
 
 
-@reports_errors
-def static(
-    out: OutOption,
-    spec: SpecOption = None,
-    ratios: RatiosOption = None,
-    onnx: OnnxOption = None,
-    model: ModelOption = None,
-    random_init: RandomInitOption = False,
-    seed: SeedOption = 0,
-    config: ConfigOption = None,
-    precision: PrecisionOption = "fp16",
-    opset: OpsetOption = None,
-    fold: Fold3dOption = True,
-    device: DeviceOption = "auto",
-    backend: BackendOption = "tensorrt",
-    opt_level: OptLevelOption = None,
-    workspace_gib: WorkspaceOption = None,
-    timing_cache: TimingCacheOption = None,
-    compute_capability: ComputeCapabilityOption = None,
-):
-    """Build one static-shape engine pair per aspect ratio: OUT/<ratio>/vae_{encoder,decoder}.trt."""
-    _run_build(
-        "static", out, spec, ratios, onnx,
-        (model, random_init, seed, config), (precision, opset, fold, device),
-        (backend, opt_level, workspace_gib, timing_cache, compute_capability),
-    )
+def _build_command(kind, summary):
+    """The Typer command for one build kind; `static` and `multiprofile` share every option."""
+
+    def command(
+        out: OutOption,
+        spec: SpecOption = None,
+        ratios: RatiosOption = None,
+        onnx: OnnxOption = None,
+        model: ModelOption = None,
+        random_init: RandomInitOption = False,
+        seed: SeedOption = 0,
+        config: ConfigOption = None,
+        precision: PrecisionOption = "fp16",
+        opset: OpsetOption = None,
+        fold: Fold3dOption = True,
+        device: DeviceOption = "auto",
+        backend: BackendOption = "tensorrt",
+        opt_level: OptLevelOption = None,
+        workspace_gib: WorkspaceOption = None,
+        timing_cache: TimingCacheOption = None,
+        compute_capability: ComputeCapabilityOption = None,
+    ):
+        _run_build(
+            kind, out, spec, ratios, onnx,
+            (model, random_init, seed, config), (precision, opset, fold, device),
+            (backend, opt_level, workspace_gib, timing_cache, compute_capability),
+        )
+
+    command.__name__ = kind
+    command.__doc__ = summary
+    return reports_errors(command)
 
 
-@reports_errors
-def multiprofile(
-    out: OutOption,
-    spec: SpecOption = None,
-    ratios: RatiosOption = None,
-    onnx: OnnxOption = None,
-    model: ModelOption = None,
-    random_init: RandomInitOption = False,
-    seed: SeedOption = 0,
-    config: ConfigOption = None,
-    precision: PrecisionOption = "fp16",
-    opset: OpsetOption = None,
-    fold: Fold3dOption = True,
-    device: DeviceOption = "auto",
-    backend: BackendOption = "tensorrt",
-    opt_level: OptLevelOption = None,
-    workspace_gib: WorkspaceOption = None,
-    timing_cache: TimingCacheOption = None,
-    compute_capability: ComputeCapabilityOption = None,
-):
-    """Build one encoder and one decoder engine holding every profile of the spec, in spec order."""
-    _run_build(
-        "multiprofile", out, spec, ratios, onnx,
-        (model, random_init, seed, config), (precision, opset, fold, device),
-        (backend, opt_level, workspace_gib, timing_cache, compute_capability),
-    )
+static = _build_command("static", "Build one static-shape engine pair per aspect ratio: OUT/<ratio>/vae_{encoder,decoder}.trt.")
+multiprofile = _build_command(
+    "multiprofile", "Build one encoder and one decoder engine holding every profile of the spec, in spec order."
+)
