@@ -7,29 +7,13 @@ Which exact attention kernel reaches the compute floor? Run on a CUDA GPU:
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from vaebuild.bench import summarize, time_calls
+
 H100_BF16_TFLOPS = 790.0  # measured dense bf16 matmul rate on the lent H100 (device KINDS.md)
-
-
-def cuda_median_ms(fn, warmup=3, runs=20):
-    """Median and p90 milliseconds of `fn()` measured with CUDA events after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return statistics.median(times), times[int(0.9 * (len(times) - 1))]
 
 
 def attention_variants(q, k, v):
@@ -66,8 +50,8 @@ def main():
         try:
             out = fn()
             rel = ((out.float() - reference).norm() / reference.norm()).item()
-            median, p90 = cuda_median_ms(fn)
-            row = {"variant": name, "ms": median, "p90": p90, "rel_err": rel, "floor_ms": floor_ms}
+            timing = summarize(time_calls(fn, q.device, warmup=3, runs=20))
+            row = {"variant": name, "ms": timing["median_ms"], "p90": timing["p90_ms"], "rel_err": rel, "floor_ms": floor_ms}
         except Exception as exc:  # noqa: BLE001 - an unsupported kernel is a result, not a crash
             row = {"variant": name, "error": " ".join(str(exc).split())[:200]}
         print(row, flush=True)

@@ -312,7 +312,7 @@ def test_trt_rows_run_through_the_comparator(static_copy, monkeypatch):
         runner.name = name
         return runner
 
-    monkeypatch.setattr(verify_module, "_runtime_unavailable_reason", lambda backend: None)
+    monkeypatch.setattr(vaebuild.engine_run, "runtime_unavailable_reason", lambda backend: None)
     monkeypatch.setattr(vaebuild.engine_run, "load_trt_runner", stand_in)
     report = verify_build(static_copy, VerifyOptions(device="cpu", require=("trt",)), log=quiet)
 

@@ -7,6 +7,13 @@ Exit codes (documented in the README):
 """
 
 
+def one_line(err, with_type=False) -> str:
+    """An exception (or any text) as one line of at most 300 characters, for error messages."""
+    text = f"{type(err).__name__}: {err}" if with_type else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
 class VaebuildError(Exception):
     """Base class: a problem the user can fix; printed as one line without a traceback."""
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaebuild.errors import ModelLoadError, UserInputError
+from vaebuild.errors import ModelLoadError, UserInputError, one_line
 
 VAE_CLASS_NAME = "AutoencoderKLQwenImage"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -106,7 +106,7 @@ def _load_folder(path: Path):
     try:
         return AutoencoderKLQwenImage.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as err:  # diffusers raises many types for corrupt or partial weights
-        raise ModelLoadError(f"could not load weights from {folder}: {_one_line(err)}") from None
+        raise ModelLoadError(f"could not load weights from {folder}: {one_line(err)}") from None
 
 
 def _load_single_file(path: Path, config_path):
@@ -119,12 +119,12 @@ def _load_single_file(path: Path, config_path):
         try:
             config = json.loads(Path(config_path).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ModelLoadError(f"could not read --config {config_path}: {_one_line(err)}") from None
+            raise ModelLoadError(f"could not read --config {config_path}: {one_line(err)}") from None
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         vae = AutoencoderKLQwenImage(**config)
     except TypeError as err:
-        raise ModelLoadError(f"--config {config_path} is not an {VAE_CLASS_NAME} config: {_one_line(err)}") from None
+        raise ModelLoadError(f"--config {config_path} is not an {VAE_CLASS_NAME} config: {one_line(err)}") from None
     state = _read_state_dict(path)
     if not any(key.startswith("decoder.mid_block.") for key in state):
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
@@ -159,7 +159,7 @@ def _read_state_dict(path: Path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state.get("state_dict", state)
     except Exception as err:
-        raise ModelLoadError(f"could not read checkpoint {path}: {_one_line(err)}") from None
+        raise ModelLoadError(f"could not read checkpoint {path}: {one_line(err)}") from None
 
 
 def _cached_snapshot(repo_id: str) -> Path:
@@ -185,8 +185,3 @@ def weights_sha256(module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _one_line(err) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) < 300 else text[:297] + "..."

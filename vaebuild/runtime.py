@@ -40,7 +40,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaebuild.errors import UserInputError, VaebuildError
+from vaebuild import engine_run
+from vaebuild.errors import UserInputError, VaebuildError, one_line
 from vaebuild.manifest import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger("vaebuild.runtime")
@@ -145,18 +146,6 @@ def read_engine_dir(engine_dir):
     return manifest, entries
 
 
-def _default_runner_factory(engine_path, backend, profile_index):
-    from vaebuild.engine_run import load_trt_runner
-
-    return load_trt_runner(engine_path, backend, profile_index)
-
-
-def _default_unavailable_reason(backend):
-    from vaebuild.engine_run import runtime_unavailable_reason
-
-    return runtime_unavailable_reason(backend)
-
-
 class TrtVae:
     """Qwen-Image VAE served by vaebuild engines (static folders or multi-profile), PyTorch 2-D as fallback."""
 
@@ -199,8 +188,8 @@ class TrtVae:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.allow_fallback = allow_fallback
-        self._runner_factory = runner_factory or _default_runner_factory
-        self._unavailable_reason = unavailable_reason or _default_unavailable_reason
+        self._runner_factory = runner_factory or engine_run.load_trt_runner
+        self._unavailable_reason = unavailable_reason or engine_run.runtime_unavailable_reason
         self._fallback_vae = fallback_vae
         self._fallback_graphs = None
         self._backend_reasons = {}
@@ -275,7 +264,7 @@ class TrtVae:
                     try:
                         out = self._infer(runner, entry, x)
                     except Exception as err:  # foreign runtime: CUDA OOM, TensorRT errors, ...
-                        reason = f"running {entry.rel_path} failed: {_one_line(err)}"
+                        reason = f"running {entry.rel_path} failed: {one_line(err, with_type=True)}"
                         self._failed[entry.rel_path] = reason
                         self._release(entry.rel_path)
                     else:
@@ -338,7 +327,7 @@ class TrtVae:
             try:
                 runner.set_profile(profile.index)
             except Exception as err:
-                reason = f"selecting profile {profile.index} of {entry.rel_path} failed: {_one_line(err)}"
+                reason = f"selecting profile {profile.index} of {entry.rel_path} failed: {one_line(err, with_type=True)}"
                 self._failed[entry.rel_path] = reason
                 self._release(entry.rel_path)
                 return None, reason
@@ -352,7 +341,7 @@ class TrtVae:
             runner = self._runner_factory(entry.path, entry.backend, profile.index)
             runner.activate()
         except Exception as err:  # foreign runtime: CUDA OOM, deserialization errors, ...
-            reason = f"loading {entry.rel_path} failed: {_one_line(err)}"
+            reason = f"loading {entry.rel_path} failed: {one_line(err, with_type=True)}"
             self._failed[entry.rel_path] = reason
             if runner is not None and getattr(runner, "is_active", False):
                 runner.deactivate()
@@ -441,8 +430,3 @@ class TrtVae:
 
 def _image_size(shape, scale):
     return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
-
-
-def _one_line(err) -> str:
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    return text if len(text) < 300 else text[:297] + "..."

@@ -45,7 +45,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vaebuild.errors import MismatchError, UserInputError, VaebuildError
+from vaebuild import engine_run
+from vaebuild.errors import MismatchError, UserInputError, VaebuildError, one_line
 from vaebuild.fileio import sha256_file
 
 REPORT_VERSION = 1
@@ -231,7 +232,7 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
 
     # Bind Polygraphy to the engines' backend before anything imports it (see backends.trt_import).
     backends = sorted({e["backend"] for e in manifest["engines"]})
-    unavailable = {b: _runtime_unavailable_reason(b) for b in backends}
+    unavailable = {b: engine_run.runtime_unavailable_reason(b) for b in backends}
     installed = {b: _installed_version(b) for b in backends}
 
     device = _reference_device(options.device)
@@ -570,7 +571,7 @@ def _run_row(row, context, reference, options):
     try:
         reference(row.graph, feed)
     except Exception as err:  # e.g. out of memory at a large shape
-        row.status, row.reason = FAIL, f"PyTorch reference failed: {_one_line(err)}"
+        row.status, row.reason = FAIL, f"PyTorch reference failed: {one_line(err)}"
         return
     try:
         runner = _make_runner(row, context)
@@ -579,7 +580,7 @@ def _run_row(row, context, reference, options):
         row.status, row.reason = FAIL, str(err)
         return
     except Exception as err:  # ORT / TensorRT / Polygraphy errors: the row fails, the others still run
-        row.status, row.reason = FAIL, f"{row.runner} failed: {_one_line(err)}"
+        row.status, row.reason = FAIL, f"{row.runner} failed: {one_line(err)}"
         return
     finally:
         row.seconds = round(time.perf_counter() - start, 3)
@@ -687,15 +688,6 @@ def _psnr_255(out, ref):
 # --- backends ---------------------------------------------------------------------------------------
 
 
-def _runtime_unavailable_reason(backend):
-    from vaebuild.engine_run import runtime_unavailable_reason
-
-    try:
-        return runtime_unavailable_reason(backend)
-    except UserInputError as err:  # an unknown backend name in the manifest
-        return str(err)
-
-
 def _installed_version(backend):
     """The installed version of `backend`, or None when it is not installed here."""
     from vaebuild.backends.trt_import import import_polygraphy_trt
@@ -725,8 +717,3 @@ def _json_float(value):
     if value is None or math.isfinite(value):
         return value
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-
-
-def _one_line(err):
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) < 300 else text[:297] + "..."
