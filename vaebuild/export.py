@@ -88,6 +88,7 @@ def export_onnx(vae, source_description, out_dir, options=ExportOptions(), log=p
             trace_seconds = time.perf_counter() - start
             log(f"[{description.name}] traced in {trace_seconds:.1f} s; running ONNX checker and shape inference ...")
             check_model_file(path)
+            io_shapes = graph_io_shapes(path)
             reference = exported.float().cpu()
             feed_hw = _feed_size(description, options)
             feed = sample_input(description.name, description.input_shape(1, *feed_hw), vae.config, seed=0)
@@ -101,8 +102,8 @@ def export_onnx(vae, source_description, out_dir, options=ExportOptions(), log=p
             record_graphs[description.name] = {
                 "file": description.file_name,
                 "sha256": sha256_file(path),
-                "input": {"name": description.input_name, "shape": _symbolic_shape(description, "input")},
-                "output": {"name": description.output_name, "shape": _symbolic_shape(description, "output")},
+                "input": {"name": description.input_name, "shape": io_shapes[description.input_name]},
+                "output": {"name": description.output_name, "shape": io_shapes[description.output_name]},
                 "dtype": precision.name,
                 "trace_seconds": round(trace_seconds, 2),
                 "parity": result.to_dict(),
@@ -152,11 +153,15 @@ def _feed_size(description, options):
     return options.check_height // 8, options.check_width // 8
 
 
-def _symbolic_shape(description, which):
-    channels = description.input_channels if which == "input" else description.output_channels
-    if (description.name == "encoder") == (which == "input"):
-        return ["batch", channels, 1, "height", "width"]
-    return ["batch", channels, 1, "height/8", "width/8"]
+def graph_io_shapes(path):
+    """Input and output shapes of a saved graph as recorded in it: ints for fixed dims, names for dynamic ones."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+        for value in [*graph.input, *graph.output]
+    }
 
 
 def _trace_to_onnx(module, description, path, opset, device, dtype):
