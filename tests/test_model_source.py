@@ -222,3 +222,13 @@ def test_single_file_with_unknown_suffix(tmp_path):
     with pytest.raises(ModelLoadError) as info:
         load_vae(ModelSource(model=str(checkpoint)))
     _assert_one_line(info.value, str(checkpoint), ".safetensors")
+
+
+def test_description_round_trips_to_the_same_source(tmp_path):
+    for source in (
+        ModelSource(random_init=True, seed=7),
+        ModelSource(model=str(tmp_path)),
+        ModelSource(model=str(tmp_path / "vae.safetensors"), config=str(tmp_path / "config.json")),
+    ):
+        assert ModelSource.from_description(source.describe()) == source
+    assert ModelSource.from_description({"kind": "test"}) is None

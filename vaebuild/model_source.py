@@ -32,10 +32,22 @@ class ModelSource:
             )
 
     def describe(self):
-        """A JSON-ready description for build records."""
+        """A JSON-ready description for build records (`from_description` turns it back into a source)."""
         if self.random_init:
             return {"kind": "random-init", "seed": self.seed, "class": VAE_CLASS_NAME}
-        return {"kind": self._kind(), "model": self.model}
+        described = {"kind": self._kind(), "model": self.model}
+        if self.config:
+            described["config"] = self.config
+        return described
+
+    @classmethod
+    def from_description(cls, described):
+        """The source a `describe()` record came from, or None when the record cannot be re-loaded."""
+        if described.get("kind") == "random-init":
+            return cls(random_init=True, seed=int(described.get("seed", 0)))
+        if described.get("model"):
+            return cls(model=str(described["model"]), config=described.get("config"))
+        return None
 
     def _kind(self):
         path = Path(self.model)

@@ -409,11 +409,8 @@ class TrtVae:
         from vaebuild.model_source import ModelSource, load_vae, weights_sha256
 
         described = self.manifest.get("model") or {}
-        if described.get("kind") == "random-init":
-            source = ModelSource(random_init=True, seed=described.get("seed", 0))
-        elif described.get("model"):
-            source = ModelSource(model=described["model"])
-        else:
+        source = ModelSource.from_description(described)
+        if source is None:
             raise UserInputError(
                 f"{self.engine_dir / MANIFEST_NAME} does not say where its model came from ({described!r}); "
                 "pass fallback_vae= for the PyTorch fallback"

@@ -453,10 +453,9 @@ def _model_source(manifest, model_override, folder):
     if model_override:
         return ModelSource(model=model_override)
     model = manifest.get("model") or {}
-    if model.get("kind") == "random-init":
-        return ModelSource(random_init=True, seed=int(model.get("seed", 0)))
-    if model.get("kind") in ("vae-folder", "pipeline-folder", "single-file", "hf-cache") and model.get("model"):
-        return ModelSource(model=str(model["model"]))
+    source = ModelSource.from_description(model)
+    if source is not None:
+        return source
     raise UserInputError(
         f"{folder / MANIFEST_NAME}: model {model!r} cannot be re-loaded for the PyTorch reference; "
         "pass --model PATH_OR_HF_ID"
