@@ -34,7 +34,7 @@ def read_export_record(onnx_dir):
     return record
 
 
-def planned_engines(spec, kind, record):
+def planned_engines(spec, kind):
     """(relative path, graph, [profile]) for every engine a build of `spec` produces."""
     if kind == "static":
         if spec.kind != "static":
@@ -45,7 +45,7 @@ def planned_engines(spec, kind, record):
 
 def check_before_export(kind, spec, options: BuildOptions):
     """Raise the errors a build would raise that need no export (spec kind, backend not installed)."""
-    planned_engines(spec, kind, record=None)
+    planned_engines(spec, kind)
     import_polygraphy_trt(options.backend)
 
 
@@ -64,11 +64,12 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
     previous = read_manifest(out_dir) or {"kind": kind, "engines": []}
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
-    plan = planned_engines(spec, kind, record)
+    plan = planned_engines(spec, kind)
     # Engines only load in the builder's own version: an upgraded backend must rebuild them.
     backend_version = import_polygraphy_trt(options.backend).trt.__version__
     planned_paths = {rel_path for rel_path, _, _ in plan}
     previous_entries = {e["path"]: e for e in previous["engines"]}
+    options_dict = _options_dict(options)
     kept = [e for e in previous["engines"] if e["path"] not in planned_paths and (out_dir / e["path"]).is_file()]
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -81,7 +82,7 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         "vae_config": record["vae_config"],
         "precision": record["precision"],
         "single_frame_fold": record["single_frame_fold"],
-        "build_options": _options_dict(options),
+        "build_options": options_dict,
         "engines": kept,
     }
     for index, (rel_path, graph, profiles) in enumerate(plan, start=1):
@@ -90,7 +91,7 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         key = build_key(
             onnx_sha256=graph_record["sha256"],
             profiles=requested,
-            options=_options_dict(options),
+            options=options_dict,
             backend=options.backend,
             backend_version=backend_version,
         )
@@ -148,6 +149,7 @@ def export_for_build(source, export_options, out_dir, log=print):
     from vaebuild.model_source import load_vae
 
     onnx_dir = Path(out_dir) / "onnx"
-    log(f"loading VAE ({source.describe()['kind']}) ...")
-    export_unless_current(load_vae(source), source.describe(), onnx_dir, export_options, log)
+    described = source.describe()
+    log(f"loading VAE ({described['kind']}) ...")
+    export_unless_current(load_vae(source), described, onnx_dir, export_options, log)
     return onnx_dir

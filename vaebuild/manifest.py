@@ -36,14 +36,41 @@ def read_manifest(out_dir):
     return manifest
 
 
+def read_build_manifest(folder):
+    """The manifest of an engine folder the user pointed at; a clear error when it is not one."""
+    folder = Path(folder)
+    usage = "pass the --out folder of `vaebuild static` or `vaebuild multiprofile`"
+    if not folder.is_dir():
+        raise UserInputError(f"{folder} is not a directory; {usage}")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UserInputError(f"{folder} has no {MANIFEST_NAME}; {usage}")
+    return manifest
+
+
 def write_manifest(out_dir, manifest):
     """Write the manifest atomically."""
     write_json(Path(out_dir) / MANIFEST_NAME, manifest)
 
 
+def engine_file_problem(folder, entry):
+    """None if the engine file of `entry` is present with its recorded size and sha256, else why not."""
+    rel = entry["path"]
+    path = Path(folder) / rel
+    if not path.is_file():
+        return f"{rel}: file missing; rebuild it"
+    size = path.stat().st_size
+    if size != entry["size_bytes"]:
+        return f"{rel}: {size} bytes but the manifest says {entry['size_bytes']} (truncated or replaced); rebuild it"
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        return (
+            f"{rel}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
+            "(corrupt or replaced); rebuild it"
+        )
+    return None
+
+
 def engine_is_current(out_dir, entry, key) -> bool:
     """Whether `entry` was built from the same inputs (`key`) and its file is intact."""
-    if entry is None or entry.get("build_key") != key:
-        return False
-    path = Path(out_dir) / entry["path"]
-    return path.is_file() and path.stat().st_size == entry["size_bytes"] and sha256_file(path) == entry["sha256"]
+    return entry is not None and entry.get("build_key") == key and engine_file_problem(out_dir, entry) is None

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from vaebuild import engine_run
 from vaebuild.errors import UserInputError, VaebuildError, one_line
-from vaebuild.manifest import MANIFEST_NAME, read_manifest
+from vaebuild.manifest import MANIFEST_NAME, read_build_manifest
 
 logger = logging.getLogger("vaebuild.runtime")
 
@@ -115,15 +115,7 @@ def choose_profile(profiles, shape):
 def read_engine_dir(engine_dir):
     """(manifest, {graph: [EngineEntry]}) of a vaebuild engine folder; UserInputError without a manifest."""
     engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
-        raise UserInputError(
-            f"trt_engine_path {engine_dir} is not a directory; pass the --out folder of a vaebuild build"
-        )
-    manifest = read_manifest(engine_dir)
-    if manifest is None:
-        raise UserInputError(
-            f"{engine_dir} has no {MANIFEST_NAME}; build the engines with `vaebuild static` or `vaebuild multiprofile`"
-        )
+    manifest = read_build_manifest(engine_dir)
     entries = {graph: [] for graph in GRAPHS}
     for raw in manifest["engines"]:
         profiles = tuple(

@@ -282,19 +282,12 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
 
 def check_engine_file(folder, entry, installed_version=None, weights_hash=None):
     """None if the engine file matches its manifest entry, else a one-line reason naming the file."""
+    from vaebuild.manifest import engine_file_problem
+
+    problem = engine_file_problem(folder, entry)
+    if problem:
+        return problem
     rel = entry["path"]
-    path = Path(folder) / rel
-    if not path.is_file():
-        return f"{rel}: file missing; rebuild it"
-    size = path.stat().st_size
-    if size != entry["size_bytes"]:
-        return f"{rel}: {size} bytes but the manifest says {entry['size_bytes']} (truncated or replaced); rebuild it"
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        return (
-            f"{rel}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
-            "(corrupt or replaced); rebuild it"
-        )
     if installed_version is not None and entry.get("backend_version") != installed_version:
         return (
             f"{rel}: built with {entry['backend']} {entry.get('backend_version')} but {installed_version} is installed; "
@@ -337,14 +330,9 @@ def format_table(report: VerifyReport) -> str:
 
 
 def _read_build_manifest(folder):
-    from vaebuild.manifest import MANIFEST_NAME, read_manifest
+    from vaebuild.manifest import MANIFEST_NAME, read_build_manifest
 
-    usage = "pass a folder written by `vaebuild static` or `vaebuild multiprofile`"
-    if not folder.is_dir():
-        raise UserInputError(f"{folder} is not a folder; {usage}")
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise UserInputError(f"{folder} has no {MANIFEST_NAME}; {usage}")
+    manifest = read_build_manifest(folder)
     if manifest.get("kind") not in ("static", "multiprofile") or not manifest.get("engines"):
         raise UserInputError(f"{folder / MANIFEST_NAME} lists no engines; rebuild the folder")
     return manifest
