@@ -13,8 +13,9 @@ from pathlib import Path
 
 import vaebuild
 from vaebuild.backends.trt_import import import_polygraphy_trt
+from vaebuild.contracts import runtime_contract
 from vaebuild.engine_build import BuildOptions, build_engine
-from vaebuild.errors import UserInputError
+from vaebuild.errors import UserInputError, one_line
 from vaebuild.export import RECORD_NAME
 from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, write_manifest
 
@@ -57,10 +58,15 @@ def profile_shapes(graph, profile, record):
     return profile.decoder_shapes(latent_channels=config["z_dim"])
 
 
-def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=print):
-    """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`."""
+def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=print, allow_non_fp16=False, summary=None):
+    """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`.
+
+    A non-fp16 TensorRT build needs `allow_non_fp16` (see `vaebuild.contracts`); `summary`, a
+    `vaebuild.summary.RunSummary`, records each engine as built, skipped or failed.
+    """
     onnx_dir, out_dir = Path(onnx_dir).resolve(), Path(out_dir)
     record = read_export_record(onnx_dir)
+    contract = runtime_contract(options.backend, record["precision"], allow_non_fp16)
     previous = read_manifest(out_dir) or {"kind": kind, "engines": []}
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
@@ -81,6 +87,7 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         "weights_sha256": record["weights_sha256"],
         "vae_config": record["vae_config"],
         "precision": record["precision"],
+        "runtime_contract": contract,
         "single_frame_fold": record["single_frame_fold"],
         "build_options": options_dict,
         "engines": kept,
@@ -100,10 +107,19 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         if engine_is_current(out_dir, old, key):
             log(f"{prefix}: up to date, skipped")
             manifest["engines"].append(old)
+            if summary:
+                summary.add("skipped", rel_path)
         else:
             log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
-            info = build_engine(onnx_dir / graph_record["file"], out_dir / rel_path, requested, options)
+            try:
+                info = build_engine(onnx_dir / graph_record["file"], out_dir / rel_path, requested, options)
+            except Exception as err:
+                if summary:
+                    summary.add("failed", rel_path, error=one_line(err))
+                raise
             log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
+            if summary:
+                summary.add("built", rel_path, seconds=round(info.build_seconds, 2), size_bytes=info.size_bytes)
             manifest["engines"].append(_engine_entry(rel_path, graph, profiles, graph_record, info, key, record))
         write_manifest(out_dir, manifest)
     return manifest
