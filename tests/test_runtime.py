@@ -98,7 +98,8 @@ def build_fake_engine_dir(tmp_path, vae, kind, spec_text=None, backend="tensorrt
     installed = SimpleNamespace(trt=SimpleNamespace(__version__="0-test"))  # no TensorRT needed to describe engines
     with mock.patch("vaebuild.builds.build_engine", _placeholder_build), \
             mock.patch("vaebuild.builds.import_polygraphy_trt", lambda backend: installed, create=True):
-        build_engines(kind, load_spec(spec_path), onnx_dir, out, BuildOptions(backend=backend), log=lambda *a: None)
+        build_engines(kind, load_spec(spec_path), onnx_dir, out, BuildOptions(backend=backend), log=lambda *a: None,
+                      allow_non_fp16=True)
     return out
 
 
