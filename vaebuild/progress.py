@@ -1,7 +1,8 @@
 """Progress of long steps (export tracing, engine builds, verification) for the `log=` callables.
 
-On a terminal, every line is printed as usual and a live line below it shows a spinner, the step
-being worked on (the last line) and the time since that line appeared. Elsewhere (CI logs, pipes)
+On a terminal, every line is printed on that terminal's stream (stderr) and a live line below it
+shows a spinner, the step being worked on (the last line) and the time since that line appeared;
+whatever else is printed meanwhile (warnings) goes above the live line. Elsewhere (CI logs, pipes)
 lines go to `echo` unchanged and nothing else is written.
 """
 
@@ -27,7 +28,7 @@ def progress_log(echo, stream=None, live=None):
     console = Console(file=stream, force_terminal=True)
     step = TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis"))
     columns = (SpinnerColumn(), step, TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:  # other prints go above the live line too
         task = bar.add_task("starting ...")
 
         def log(line):
