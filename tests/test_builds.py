@@ -74,7 +74,7 @@ def build(kind, spec_path, onnx_dir, out, options=RTX, ratios=None):
     if ratios:
         spec = spec.select(ratios)
     lines = []
-    manifest = build_engines(kind, spec, onnx_dir, out, options, log=lines.append)
+    manifest = build_engines(kind, spec, onnx_dir, out, options, log=lines.append, allow_non_fp16=True)  # fp32 export
     return manifest, statuses(lines), lines
 
 
@@ -419,8 +419,10 @@ def test_interrupted_build_keeps_finished_engines_and_resumes(tiny_onnx_dir, tmp
 runner = CliRunner()
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+def invoke(*args, allow_non_fp16=True):
+    """Run the CLI; builds get --allow-non-fp16 unless told not to (the tiny test export is fp32)."""
+    flag = ["--allow-non-fp16"] if allow_non_fp16 and args[0] in ("static", "multiprofile") else []
+    return runner.invoke(app, [str(a) for a in args] + flag)
 
 
 def error_line(result):
@@ -624,3 +626,94 @@ def test_shipped_static_spec_for_the_tiny_model(tiny_onnx_dir, tmp_path):
     for entry in read_manifest_file(out)["engines"]:
         assert entry["profiles"][0]["input"] == expected_shapes(entry["graph"], *[(1328, 1328)] * 3)
         check_entry_matches_files(entry, out, tiny_onnx_dir)
+
+
+# --- LightX2V's fp16 contract, CI summaries, shipped spec names ------------------------------------
+
+
+def test_cli_non_fp16_tensorrt_build_is_refused_unless_allowed(tiny_onnx_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ("static", "--onnx", tiny_onnx_dir, "--spec", write_static_spec(tmp_path), "--ratios", "1_1",
+            "--backend", "tensorrt_rtx", "--out", out)
+
+    refused = invoke(*args, allow_non_fp16=False)
+
+    assert refused.exit_code == 2
+    assert error_line(refused) == (
+        "error: fp32 TensorRT engines would be read wrongly by LightX2V (its loader feeds and reads fp16);"
+        " export with --precision fp16, or pass --allow-non-fp16 for a folder only vaebuild's runtime reads"
+    )
+    assert not out.exists()
+
+    allowed = invoke(*args)
+
+    assert allowed.exit_code == 0, allowed.output
+    assert read_manifest_file(out)["runtime_contract"] == "vaebuild"
+
+
+def test_cli_non_fp16_export_is_refused_before_exporting(tiny_vae_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("static", "--model", tiny_vae_dir, "--precision", "bf16", "--spec", write_static_spec(tmp_path),
+                    "--backend", "tensorrt_rtx", "--out", out, allow_non_fp16=False)
+    assert result.exit_code == 2
+    assert "error: bf16 TensorRT engines would be read wrongly by LightX2V" in error_line(result)
+    assert not out.exists()
+
+
+def test_cli_json_summary_lists_built_then_skipped(tiny_onnx_dir, tmp_path):
+    out, summary_path = tmp_path / "out", tmp_path / "ci" / "summary.json"
+    args = ("static", "--onnx", tiny_onnx_dir, "--spec", write_static_spec(tmp_path), "--ratios", "1_1",
+            "--backend", "tensorrt_rtx", "--out", out, "--json", summary_path)
+
+    assert invoke(*args).exit_code == 0
+    first = json.loads(summary_path.read_text())
+    assert invoke(*args).exit_code == 0
+    second = json.loads(summary_path.read_text())
+
+    assert first["command"] == "static" and first["folder"] == str(out) and first["ok"] is True
+    assert first["error"] is None and first["seconds"] > 0
+    assert first["counts"] == {"built": 2, "skipped": 0, "failed": 0}
+    assert [item["path"] for item in first["built"]] == static_paths(["1_1"])
+    assert all(item["seconds"] > 0 and item["size_bytes"] > 0 for item in first["built"])
+    assert first["details"] == {
+        "manifest": str(out / MANIFEST_NAME), "runtime_contract": "vaebuild", "spec": str(tmp_path / "static.yaml"),
+        "backend": "tensorrt_rtx",
+    }
+    assert second["counts"] == {"built": 0, "skipped": 2, "failed": 0}
+    assert second["skipped"] == [{"path": path} for path in static_paths(["1_1"])]
+
+
+def test_cli_json_summary_of_a_failed_build(tiny_onnx_dir, tmp_path, monkeypatch):
+    import vaebuild.builds
+
+    def fail(*args):
+        raise UserInputError("builder exploded; try again")
+
+    monkeypatch.setattr(vaebuild.builds, "build_engine", fail)
+    summary_path = tmp_path / "summary.json"
+    result = invoke("static", "--onnx", tiny_onnx_dir, "--spec", write_static_spec(tmp_path), "--ratios", "1_1",
+                    "--backend", "tensorrt_rtx", "--out", tmp_path / "out", "--json", summary_path)
+
+    assert result.exit_code == 2
+    summary = json.loads(summary_path.read_text())
+    assert summary["ok"] is False and summary["error"] == "builder exploded; try again"
+    assert summary["failed"] == [{"path": "1_1/vae_encoder.trt", "error": "builder exploded; try again"}]
+    assert summary["counts"] == {"built": 0, "skipped": 0, "failed": 1}
+
+
+def test_cli_spec_by_shipped_name(tiny_onnx_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("static", "--onnx", tiny_onnx_dir, "--spec", "t2i_static_lightx2v_main", "--ratios", "3_2",
+                    "--backend", "tensorrt_rtx", "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest_file(out)
+    assert Path(manifest["spec"]["path"]).name == "t2i_static_lightx2v_main.yaml"
+    assert manifest["engines"][0]["profiles"][0]["image"]["opt"] == [1584, 1056]
+
+
+def test_cli_unknown_spec_name_lists_the_shipped_ones(tiny_onnx_dir, tmp_path):
+    result = invoke("static", "--onnx", tiny_onnx_dir, "--spec", "t2i_statc", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert line.startswith("error: t2i_statc: no such spec file or shipped spec; pass a YAML path or one of: ")
+    assert "i2i_multiprofile" in line and "t2i_static, " in line and "t2i_static_lightx2v_main" in line

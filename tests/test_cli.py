@@ -141,6 +141,25 @@ def test_debug_variable_brings_traceback_back(runner, tmp_path, monkeypatch):
     assert isinstance(result.exception, UserInputError)
 
 
+def test_version(runner):
+    import vaebuild
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"vaebuild {vaebuild.__version__}\n"
+
+
+@pytest.mark.parametrize("command", [[], ["verify"]])
+def test_exit_codes_render_as_a_list(runner, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "100")
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert "Exit codes:" in lines
+    items = [line for line in lines if line.startswith("• ")]
+    assert [item[2:4] for item in items] == ["0:", "2:", "3:", "4:"] if not command else ["0:", "2:", "4:"]
+
+
 def test_format_error_is_one_line():
     assert format_error(MismatchError("decoder differs")) == "error: decoder differs"
     assert MismatchError("x").exit_code == 4 and UserInputError("x").exit_code == 2

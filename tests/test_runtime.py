@@ -8,8 +8,8 @@ The PyTorch fallback paths run for real.
 
 import json
 import logging
+import re
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -98,7 +98,8 @@ def build_fake_engine_dir(tmp_path, vae, kind, spec_text=None, backend="tensorrt
     # No TensorRT needed to describe engines.
     with mock.patch("vaebuild.backends.tensorrt.TensorRTBackend.build_engine", _placeholder_build), \
             mock.patch("vaebuild.backends.tensorrt.TensorRTBackend.version", lambda backend: "0-test"):
-        build_engines(kind, load_spec(spec_path), onnx_dir, out, BuildOptions(backend=backend), log=lambda *a: None)
+        build_engines(kind, load_spec(spec_path), onnx_dir, out, BuildOptions(backend=backend), log=lambda *a: None,
+                      allow_non_fp16=True)
     return out
 
 
@@ -542,3 +543,14 @@ def test_wrong_input_shape_is_a_user_error(static_dir, tiny_vae, shape):
     vae = fake_vae(static_dir, tiny_vae, FakeRunners(tiny_vae, static_dir))
     with pytest.raises(UserInputError, match=r"encoder input must be images \[B, 3, 1, H, W\]"):
         vae.encode(torch.zeros(shape))
+
+
+def test_from_config_takes_the_readme_lightx2v_blocks_unchanged(static_dir, multi_dir):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", readme, re.S) if "trt_vae_config" in b]
+    assert [b["trt_vae_config"]["multi_profile"] for b in blocks] == [False, True]
+    for block in blocks:
+        folder = multi_dir if block["trt_vae_config"]["multi_profile"] else static_dir
+        block["trt_vae_config"]["trt_engine_path"] = str(folder)
+        vae = TrtVae.from_config(block)
+        assert vae.engine_dir == folder and vae.multi_profile == block["trt_vae_config"]["multi_profile"]

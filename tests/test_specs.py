@@ -12,7 +12,9 @@ from vaebuild.specs import (
     Profile,
     RoundingWarning,
     default_spec_path,
+    find_spec,
     load_spec,
+    shipped_specs,
 )
 
 T2I = [("16_9", 928, 1664), ("9_16", 1664, 928), ("1_1", 1328, 1328), ("4_3", 1136, 1472), ("3_4", 1024, 768)]
@@ -88,10 +90,15 @@ def test_t2i_rounds_1140_down_with_one_warning_naming_entry_and_sizes(t2i):
     assert spec.profiles[3].decoder_shapes()[1] == (1, 16, 1, 142, 184)
 
 
-def test_i2i_multiprofile_file():
+def load_without_warnings(path):
+    """`load_spec`, failing on any warning (a shipped spec with only exact sizes warns about nothing)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        spec = load_spec(default_spec_path("multiprofile"))
+        return load_spec(path)
+
+
+def test_i2i_multiprofile_file():
+    spec = load_without_warnings(default_spec_path("multiprofile"))
     assert spec.kind == "multiprofile" and spec.rounding == "reject" and spec.max_side == 1920
     assert [(p.name, p.opt.height, p.opt.width) for p in spec.profiles] == I2I
     for p in spec.profiles:
@@ -103,6 +110,38 @@ def test_i2i_covers_every_multiple_of_8_up_to_max_side():
     spec = load_spec(default_spec_path("multiprofile"))
     sides = range(64, spec.max_side + 1, 8)
     assert all(any(p.contains(1, h, w) for p in spec.profiles) for h in sides for w in sides)
+
+
+T2I_LIGHTX2V_MAIN = [
+    ("16_9", 928, 1664), ("9_16", 1664, 928), ("1_1", 1328, 1328), ("4_3", 1104, 1472), ("3_4", 1472, 1104),
+    ("3_2", 1584, 1056), ("2_3", 1056, 1584),
+]
+
+
+def test_t2i_static_for_lightx2v_main():
+    spec = load_without_warnings(find_spec("t2i_static_lightx2v_main"))
+    assert spec.kind == "static" and spec.rounding == "reject" and spec.max_side == 1920
+    assert [(p.name, p.opt.height, p.opt.width) for p in spec.profiles] == T2I_LIGHTX2V_MAIN
+
+
+def test_every_shipped_spec_loads():
+    shipped = shipped_specs()
+    assert {"t2i_static", "t2i_static_lightx2v_main", "i2i_multiprofile"} <= set(shipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoundingWarning)
+        for name, path in shipped.items():
+            assert load_spec(path).profiles, name
+
+
+def test_find_spec_takes_a_path_or_a_shipped_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("kind: static")
+    assert find_spec(path) == path
+    assert find_spec(str(path)) == path
+    assert find_spec("i2i_multiprofile") == default_spec_path("multiprofile")
+    with pytest.raises(SpecError, match=r"^nope: no such spec file or shipped spec; pass a YAML path or one of: "
+                                        r"i2i_multiprofile, .*t2i_static"):
+        find_spec("nope")
 
 
 def test_unknown_default_kind():

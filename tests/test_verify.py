@@ -351,6 +351,29 @@ def test_cli_exit_codes_and_report(builds, cli, tmp_path):
     assert "--require trt, but it cannot run: no CUDA GPU" in required.stderr.splitlines()[-1]
 
 
+def test_fp16_builds_follow_the_lightx2v_contract(builds):
+    for kind in ("static", "multiprofile"):
+        assert json.loads((builds[kind] / "manifest.json").read_text())["runtime_contract"] == "lightx2v-trt"
+
+
+def test_cli_json_summary(builds, cli, tmp_path):
+    summary_path = tmp_path / "summary.json"
+    result = cli(builds["static"], "--json", summary_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(summary_path.read_text())
+    assert summary["command"] == "verify" and summary["ok"] is True and summary["error"] is None
+    assert summary["counts"] == {"passed": 2, "failed": 0, "not_run": 2, "skipped": 0}
+    assert {item["runner"] for item in summary["passed"]} == {"onnxrt"}
+    assert {item["reason"] for item in summary["not_run"]} == {"no CUDA GPU on this machine"}
+    assert set(summary["passed"][0]) == {"path", "profile", "levels", "shape", "runner", "reason", "seconds"}
+
+    failed = cli(builds["static"], "--atol", "0", "--rtol", "0", "--json", summary_path)
+    assert failed.exit_code == 4
+    summary = json.loads(summary_path.read_text())
+    assert summary["ok"] is False and summary["error"].startswith("verification failed: s/vae_encoder.trt")
+    assert summary["counts"]["failed"] == 2
+
+
 def test_cli_tolerance_override_fails_strictly(builds, cli):
     result = cli(builds["static"], "--atol", "0", "--rtol", "0")
     assert result.exit_code == 4

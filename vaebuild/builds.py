@@ -18,7 +18,8 @@ from pathlib import Path
 import vaebuild
 from vaebuild.backends import get_backend
 from vaebuild.backends.base import BuildOptions
-from vaebuild.errors import UserInputError
+from vaebuild.contracts import runtime_contract
+from vaebuild.errors import UserInputError, one_line
 from vaebuild.export import RECORD_NAME
 from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, write_manifest
 
@@ -141,17 +142,20 @@ def profile_shapes(graph, profile, record):
     return profile.decoder_shapes(latent_channels=config["z_dim"])
 
 
-def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print):
+def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print, allow_non_fp16=False, summary=None):
     """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`.
 
     `source` is a `BuildSource` (or, for the TensorRT backends, a `vaebuild export` folder). With
-    `options.jobs > 1` packages compile in that many worker processes.
+    `options.jobs > 1` packages compile in that many worker processes. A non-fp16 TensorRT build needs
+    `allow_non_fp16` (see `vaebuild.contracts`); `summary`, a `vaebuild.summary.RunSummary`, records
+    each engine as built, skipped or failed.
     """
     if not isinstance(source, BuildSource):
         source = BuildSource.from_onnx_dir(source)
     backend = get_backend(options.backend)
     out_dir = Path(out_dir)
     record = source.record
+    contract = runtime_contract(options.backend, record["precision"], allow_non_fp16)
     previous = read_manifest(out_dir) or {"kind": kind, "engines": []}
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
@@ -173,6 +177,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print)
         "weights_sha256": record["weights_sha256"],
         "vae_config": record["vae_config"],
         "precision": record["precision"],
+        "runtime_contract": contract,
         "single_frame_fold": record["single_frame_fold"],
         "build_options": options_dict,
         "engines": kept,
@@ -200,6 +205,8 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print)
         if engine_is_current(out_dir, old, key):
             log(f"{prefix}: up to date, skipped")
             done[rel_path] = old
+            if summary:
+                summary.add("skipped", rel_path)
         else:
             todo.append((prefix, rel_path, graph, profiles, requested, key))
 
@@ -209,19 +216,28 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print)
 
     def finished(prefix, rel_path, graph, profiles, info, key):
         log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
+        if summary:
+            summary.add("built", rel_path, seconds=round(info.build_seconds, 2), size_bytes=info.size_bytes)
         done[rel_path] = _engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record)
         write()
 
     if done:
         write()
 
-    if options.jobs > 1 and len(todo) > 1:
-        _build_in_workers(backend, source, out_dir, todo, options, log, finished)
-    else:
-        for prefix, rel_path, graph, profiles, requested, key in todo:
-            log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
-            info = backend.build_engine(source, graph, out_dir / rel_path, requested, options)
-            finished(prefix, rel_path, graph, profiles, info, key)
+    try:
+        if options.jobs > 1 and len(todo) > 1:
+            _build_in_workers(backend, source, out_dir, todo, options, log, finished)
+        else:
+            for prefix, rel_path, graph, profiles, requested, key in todo:
+                log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
+                info = backend.build_engine(source, graph, out_dir / rel_path, requested, options)
+                finished(prefix, rel_path, graph, profiles, info, key)
+    except Exception as err:
+        if summary:
+            for _, rel_path, *_ in todo:
+                if rel_path not in done:
+                    summary.add("failed", rel_path, error=one_line(err))
+        raise
     return manifest
 
 

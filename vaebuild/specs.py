@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -26,8 +27,8 @@ PIPELINE_MULTIPLE = 16  # Qwen-Image pipelines floor image sides to multiples of
 
 KINDS = ("static", "multiprofile")
 ROUNDINGS = ("reject", "floor16")
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
-DEFAULT_SPEC_FILES = {"static": "t2i_static.yaml", "multiprofile": "i2i_multiprofile.yaml"}
+SPEC_SUFFIX = ".yaml"
+DEFAULT_SPECS = {"static": "t2i_static", "multiprofile": "i2i_multiprofile"}
 
 Shape = tuple[int, int, int, int, int]
 
@@ -112,11 +113,30 @@ class ProfileSpec:
         return replace(self, profiles=tuple(p for p in self.profiles if p.name in wanted))
 
 
+def shipped_specs() -> dict[str, Path]:
+    """The specs shipped in the package (`vaebuild/profiles/*.yaml`): name -> file, sorted by name."""
+    folder = Path(resources.files("vaebuild") / "profiles")  # a real folder: vaebuild is never zip-imported
+    return {path.name[: -len(SPEC_SUFFIX)]: path for path in sorted(folder.glob(f"*{SPEC_SUFFIX}"))}
+
+
+def find_spec(name_or_path: str | os.PathLike) -> Path:
+    """A spec file: an existing path, or the name of a shipped spec (`t2i_static`)."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path)
+    shipped = shipped_specs()
+    name = str(name_or_path)
+    if name in shipped:
+        return shipped[name]
+    raise SpecError(
+        f"{name}: no such spec file or shipped spec; pass a YAML path or one of: {', '.join(shipped)}"
+    )
+
+
 def default_spec_path(kind: str) -> Path:
     """The shipped spec for `kind` ("static": T2I ratios, "multiprofile": I2I profiles)."""
-    if kind not in DEFAULT_SPEC_FILES:
+    if kind not in DEFAULT_SPECS:
         raise SpecError(f"unknown spec kind {kind!r}; known: {', '.join(KINDS)}")
-    return PROFILES_DIR / DEFAULT_SPEC_FILES[kind]
+    return shipped_specs()[DEFAULT_SPECS[kind]]
 
 
 def load_spec(path: str | os.PathLike) -> ProfileSpec:

@@ -55,6 +55,7 @@ REPORT_VERSION = 1
 CPU_MAX_SIDE = 1024
 RUNNERS = ("onnxrt", "trt", "inductor")
 PASS, FAIL, NOT_RUN, SKIPPED = "pass", "FAIL", "not run", "skipped"
+_SUMMARY_STATUS = {PASS: "passed", FAIL: "failed", NOT_RUN: "not_run", SKIPPED: "skipped"}
 LEVELS = ("min", "opt", "max")
 REFERENCE_NAME = "pytorch"
 
@@ -203,6 +204,15 @@ class VerifyReport:
             first = failures[0]
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
             raise MismatchError(f"verification failed: {first.where} {first.runner}: {first.reason}{more}")
+
+    def add_to_summary(self, summary):
+        """Record every row in a `vaebuild.summary.RunSummary` (statuses passed, failed, not_run, skipped)."""
+        for row in self.rows:
+            summary.add(
+                _SUMMARY_STATUS[row.status], row.engine, profile=row.profile, levels=row.levels, shape=list(row.shape),
+                runner=row.runner, reason=row.reason, seconds=row.seconds,
+            )
+        summary.details["kind"] = self.kind
 
     def to_dict(self):
         from vaebuild.export import package_versions

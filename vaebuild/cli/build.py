@@ -22,7 +22,9 @@ from vaebuild.errors import UserInputError
 
 OutOption = Annotated[Path, typer.Option("--out", help="Output folder for the engines and manifest.json.")]
 SpecOption = Annotated[
-    Optional[Path], typer.Option("--spec", help="Profile spec YAML (default: the shipped one for this command).")
+    Optional[str],
+    typer.Option("--spec", help="Profile spec: a YAML path or a shipped spec's name, e.g. t2i_static_lightx2v_main "
+                 "(default: the shipped one for this command; an unknown name lists the shipped ones)."),
 ]
 RatiosOption = Annotated[
     Optional[str], typer.Option("--ratios", help="Comma-separated spec entries to build, e.g. 16_9,1_1 (default: all).")
@@ -55,6 +57,16 @@ TimingCacheOption = Annotated[
     Optional[Path],
     typer.Option("--timing-cache", help="Timing cache file, loaded and updated (tensorrt only).", rich_help_panel="Builder"),
 ]
+AllowNonFp16Option = Annotated[
+    bool,
+    typer.Option("--allow-non-fp16", help="Build TensorRT engines from a bf16 or fp32 export. LightX2V would read "
+                 "them wrongly (it feeds and reads fp16), so the folder's runtime_contract is vaebuild.",
+                 rich_help_panel="Builder"),
+]
+JsonSummaryOption = Annotated[
+    Optional[Path],
+    typer.Option("--json", help="Write a summary for CI here: engines built, skipped and failed, paths, times."),
+]
 ComputeCapabilityOption = Annotated[
     Optional[list[str]],
     typer.Option("--compute-capability", help="Target GPU, e.g. 8.6 (tensorrt_rtx only; repeatable).",
@@ -74,44 +86,55 @@ def _parse_compute_capabilities(values):
     return tuple(targets)
 
 
-def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_args):
+def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_args, allow_non_fp16, json_path):
     from vaebuild.backends import get_backend
     from vaebuild.backends.base import BuildOptions
     from vaebuild.builds import build_engines, check_before_export, export_for_build, model_for_build
-    from vaebuild.specs import default_spec_path, load_spec
+    from vaebuild.contracts import runtime_contract
+    from vaebuild.progress import progress_log
+    from vaebuild.specs import default_spec_path, find_spec, load_spec
+    from vaebuild.summary import BUILD_STATUSES, summary_written
 
     backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs = builder_args
     precision, opset, fold, device = export_args
     compiles_pytorch = backend == "inductor"
-    options = BuildOptions(
-        backend=backend,
-        builder_optimization_level=opt_level,
-        workspace_gib=workspace_gib,
-        timing_cache=timing_cache,
-        compute_capabilities=_parse_compute_capabilities(compute_capability),
-        device=("cpu" if device == "cpu" else "cuda") if compiles_pytorch else None,
-        embed_weights=embed_weights,
-        jobs=jobs,
-    )
-    precision = precision or ("bf16" if compiles_pytorch else "fp16")
-    loaded = load_spec(spec or default_spec_path(kind))
-    if ratios:
-        loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
-    if onnx is not None and any(source_args[:2]):
-        raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
-    if get_backend(backend).builds_from == "pytorch":
-        if onnx is not None:
-            raise UserInputError(f"the {backend} backend compiles the PyTorch model; pass --model or --random-init, not --onnx")
-        check_before_export(kind, loaded, options)  # fail now, not after loading the model
-        source = model_for_build(model_source(*source_args), precision, log=typer.echo)
-    elif onnx is None:
-        check_before_export(kind, loaded, options)  # fail now, not after a long export
-        source = export_for_build(
-            model_source(*source_args), export_options(precision, opset, fold, device), out, log=typer.echo
+    with summary_written(json_path, kind, out, BUILD_STATUSES) as summary, progress_log(typer.echo) as log:
+        options = BuildOptions(
+            backend=backend,
+            builder_optimization_level=opt_level,
+            workspace_gib=workspace_gib,
+            timing_cache=timing_cache,
+            compute_capabilities=_parse_compute_capabilities(compute_capability),
+            device=("cpu" if device == "cpu" else "cuda") if compiles_pytorch else None,
+            embed_weights=embed_weights,
+            jobs=jobs,
         )
-    else:
-        source = onnx
-    manifest = build_engines(kind, loaded, source, out, options, log=typer.echo)
+        precision = precision or ("bf16" if compiles_pytorch else "fp16")
+        loaded = load_spec(find_spec(spec) if spec else default_spec_path(kind))
+        if ratios:
+            loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
+        if onnx is not None and any(source_args[:2]):
+            raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
+        if get_backend(backend).builds_from == "pytorch":
+            if onnx is not None:
+                raise UserInputError(
+                    f"the {backend} backend compiles the PyTorch model; pass --model or --random-init, not --onnx"
+                )
+            check_before_export(kind, loaded, options)  # fail now, not after loading the model
+            source = model_for_build(model_source(*source_args), precision, log=log)
+        elif onnx is None:
+            # Fail now, not after a long export.
+            check_before_export(kind, loaded, options)
+            runtime_contract(backend, precision, allow_non_fp16)
+            source = export_for_build(
+                model_source(*source_args), export_options(precision, opset, fold, device), out, log=log
+            )
+        else:
+            source = onnx
+        manifest = build_engines(kind, loaded, source, out, options, log=log, allow_non_fp16=allow_non_fp16,
+                                 summary=summary)
+        summary.details.update(manifest=str(Path(out) / "manifest.json"), runtime_contract=manifest["runtime_contract"],
+                               spec=str(loaded.path), backend=backend)
     typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")
 
 
@@ -138,11 +161,14 @@ def _build_command(kind, summary):
         compute_capability: ComputeCapabilityOption = None,
         embed_weights: EmbedWeightsOption = False,
         jobs: JobsOption = 1,
+        allow_non_fp16: AllowNonFp16Option = False,
+        json_path: JsonSummaryOption = None,
     ):
         _run_build(
             kind, out, spec, ratios, onnx,
             (model, random_init, seed, config), (precision, opset, fold, device),
             (backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs),
+            allow_non_fp16, json_path,
         )
 
     command.__name__ = kind
@@ -151,7 +177,7 @@ def _build_command(kind, summary):
 
 
 static = _build_command(
-    "static", "Build one static-shape engine pair per aspect ratio: OUT/<ratio>/vae_{encoder,decoder}.trt (.pt2 for inductor)."
+    "static", "Build one static-shape engine pair per aspect ratio: OUT/RATIO/vae_{encoder,decoder}.trt (.pt2 for inductor)."
 )
 multiprofile = _build_command(
     "multiprofile", "Build one encoder and one decoder engine holding every profile of the spec, in spec order."

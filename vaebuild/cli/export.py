@@ -35,10 +35,12 @@ def export(
     """Export the VAE encoder and decoder to ONNX and check both against PyTorch."""
     from vaebuild.export import export_onnx
     from vaebuild.model_source import load_vae
+    from vaebuild.progress import progress_log
 
     source = model_source(model, random_init, seed, config)
     options = export_options(precision, opset, fold, device)
-    typer.echo(f"loading VAE ({source.describe()['kind']}) ...")
-    vae = load_vae(source)
-    export_onnx(vae, source.describe(), out, options, log=typer.echo)
+    with progress_log(typer.echo) as log:
+        log(f"loading VAE ({source.describe()['kind']}) ...")
+        vae = load_vae(source)
+        export_onnx(vae, source.describe(), out, options, log=log)
     typer.echo(f"wrote {out}/vae_encoder.onnx, {out}/vae_decoder.onnx, {out}/export_record.json")

@@ -20,6 +20,10 @@ FolderArgument = Annotated[
     Path, typer.Argument(help="Folder written by `vaebuild static` or `vaebuild multiprofile` (holds manifest.json).")
 ]
 ReportOption = Annotated[Optional[Path], typer.Option("--report", help="Also write every row as JSON to this file.")]
+JsonSummaryOption = Annotated[
+    Optional[Path],
+    typer.Option("--json", help="Write a summary for CI here: rows passed, failed, not run and skipped, times."),
+]
 AtolOption = Annotated[
     Optional[float],
     typer.Option("--atol", help=f"Absolute limit on max |out - ref| ({_defaults('atol')}).",
@@ -63,6 +67,7 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the generated i
 def verify(
     folder: FolderArgument,
     report: ReportOption = None,
+    json_path: JsonSummaryOption = None,
     atol: AtolOption = None,
     rtol: RtolOption = None,
     min_psnr: MinPsnrOption = None,
@@ -76,22 +81,30 @@ def verify(
 ):
     """Compare every engine, at every shape it claims, with PyTorch (and ONNX Runtime on the export).
 
-    Exit codes: 0 every comparison that ran passed (rows `not run` or `skipped` say why), 2 user error
-    (no manifest, model not loadable or not the built weights), 4 a row failed: a metric beyond
-    tolerance, an engine or ONNX file that does not match the manifest, or a --require'd runner
-    that cannot run here.
+    Exit codes:
+
+    - 0: every comparison that ran passed (rows `not run` or `skipped` say why)
+    - 2: user error (no manifest, model not loadable or not the built weights)
+    - 4: a row failed: a metric beyond tolerance, an engine or ONNX file that does not match the
+      manifest, or a `--require`d runner that cannot run here
     """
     from vaebuild.fileio import write_json
+    from vaebuild.progress import progress_log
+    from vaebuild.summary import VERIFY_STATUSES, summary_written
     from vaebuild.verify import VerifyOptions, format_table, verify_build
 
-    options = VerifyOptions(
-        atol=atol, rtol=rtol, min_psnr=min_psnr, max_side=max_side, require=tuple(require or ()),
-        skip=tuple(skip or ()), device=device, onnx_dir=onnx, model=model, seed=seed,
-    )
-    result = verify_build(folder, options, log=lambda line: typer.echo(line, err=True))
-    typer.echo(format_table(result))
-    typer.echo(result.summary())
-    if report:
-        write_json(report, result.to_dict())
-        typer.echo(f"report: {report}")
-    result.raise_on_failures()
+    with summary_written(json_path, "verify", folder, VERIFY_STATUSES) as summary:
+        options = VerifyOptions(
+            atol=atol, rtol=rtol, min_psnr=min_psnr, max_side=max_side, require=tuple(require or ()),
+            skip=tuple(skip or ()), device=device, onnx_dir=onnx, model=model, seed=seed,
+        )
+        with progress_log(lambda line: typer.echo(line, err=True)) as log:
+            result = verify_build(folder, options, log=log)
+        result.add_to_summary(summary)
+        typer.echo(format_table(result))
+        typer.echo(result.summary())
+        if report:
+            write_json(report, result.to_dict())
+            summary.details["report"] = str(report)
+            typer.echo(f"report: {report}")
+        result.raise_on_failures()
