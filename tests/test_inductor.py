@@ -223,7 +223,7 @@ def test_tampered_or_renamed_weights_are_refused_with_one_line(static_copy, tiny
     with caplog.at_level(logging.WARNING, logger="vaebuild.runtime"):
         vae.decode(latents(tiny_vae, 32, 48))
     assert vae.last_route["decoder"].kind == "pytorch"
-    assert "differs from the manifest" in caplog.text and "rebuild the folder" in caplog.text
+    assert "differ from the manifest" in caplog.text and "rebuild the folder" in caplog.text
 
     renamed = {("renamed." + k if k == name else k): v for k, v in tensors.items()}
     other = static_copy / "finetune.safetensors"

@@ -407,6 +407,7 @@ def measure_fresh_loads(runtime, device, info, log=print):
     import json
     import subprocess
     import sys
+    import tempfile
 
     groups = {}
     for rel_path in runtime.engine_paths:
@@ -415,13 +416,16 @@ def measure_fresh_loads(runtime, device, info, log=print):
     ordered = [sorted(group, key=lambda rel: "decoder" in rel) for group in groups.values()]
 
     def run_probe(engines):
-        command = [sys.executable, "-m", "vaebuild.load_probe", str(runtime.engine_dir), "--device", str(device)]
-        if engines:
-            command += ["--engines", ",".join(engines)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            raise VaebuildError(f"load probe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "probe.json"
+            command = [sys.executable, "-m", "vaebuild.load_probe", str(runtime.engine_dir), str(result),
+                       "--device", str(device)]
+            if engines:
+                command += ["--engines", ",".join(engines)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode or not result.is_file():
+                raise VaebuildError(f"load probe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            return json.loads(result.read_text())
 
     loads = {}
     try:

@@ -1,6 +1,6 @@
-"""Load costs as a fresh process pays them: `python -m vaebuild.load_probe FOLDER --device D [--engines a,b]`.
+"""Load costs as a fresh process pays them: `python -m vaebuild.load_probe FOLDER OUT.json --device D [--engines a,b]`.
 
-Prints one JSON object. Per engine, in load order: `load_ms` (the runtime's load, `import torch` and
+Writes one JSON object to OUT.json. Per engine, in load order: `load_ms` (the runtime's load, `import torch` and
 CUDA initialisation excluded; the first weight-free package of a folder also reads its shared
 weights) and `gpu_mb_held` (the drop in free CUDA memory across that load). `resident_mb`: the free
 memory all of those loads took together. `vaebuild bench` runs it in a subprocess per engine pair.
@@ -37,11 +37,13 @@ def probe(folder, device, engines=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
+    parser.add_argument("result", help="JSON file to write")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--engines", default=None, help="comma-separated relative paths (default: every engine)")
     args = parser.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e] if args.engines else None
-    print(json.dumps(probe(args.folder, args.device, engines)))
+    with open(args.result, "w") as f:
+        json.dump(probe(args.folder, args.device, engines), f)
 
 
 if __name__ == "__main__":

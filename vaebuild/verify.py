@@ -576,7 +576,7 @@ def _run_row(row, context, reference, options, weights):
     row.max_abs_limit, row.min_psnr = None, tolerances.min_psnr if row.graph == "decoder" else None
     start = time.perf_counter()
     try:
-        reference(row.graph, feed)
+        reference(row.graph, feed.float())
     except Exception as err:  # e.g. out of memory at a large shape
         row.status, row.reason = FAIL, f"PyTorch reference failed: {one_line(err)}"
         return

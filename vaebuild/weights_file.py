@@ -8,13 +8,19 @@ differs, loads it to a device once and hands the same tensors to every package.
 """
 
 import hashlib
+import json
 import logging
+import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vaebuild.errors import UserInputError
-from vaebuild.fileio import atomic_output, sha256_file
+from vaebuild.fileio import atomic_output
 
 WEIGHTS_NAME = "weights.safetensors"
+CHUNK_BYTES = 8 << 20  # the file is also hashed in chunks of this size, so a load can check them in parallel
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 logger = logging.getLogger("vaebuild.runtime")
 
 
@@ -38,13 +44,51 @@ def write_weights_file(path, graphs):
     with atomic_output(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    data = path.read_bytes()
     return {
         "path": path.name,
-        "sha256": sha256_file(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
         "size_bytes": path.stat().st_size,
         "tensors": len(tensors),
         "dtypes": dtypes,
+        "chunk_bytes": CHUNK_BYTES,
+        "chunk_sha256": chunk_hashes(memoryview(data), CHUNK_BYTES),
     }
+
+
+def chunk_hashes(data, chunk_bytes, pool=None):
+    """sha256 of each `chunk_bytes` piece of `data` (hashlib releases the GIL: a pool hashes them in parallel)."""
+    pieces = [data[start:start + chunk_bytes] for start in range(0, len(data), chunk_bytes)]
+    digest = lambda piece: hashlib.sha256(piece).hexdigest()  # noqa: E731
+    return list(pool.map(digest, pieces)) if pool else [digest(piece) for piece in pieces]
+
+
+def read_to_device(path, device, check=None):
+    """{name: tensor} of a safetensors file, moved to `device` in one copy (tensors are views of it).
+
+    `check(data, pool)`, if given, runs on the file's bytes in a thread pool while they are copied,
+    and raises to refuse the file.
+    """
+    import torch
+
+    path = Path(path)
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb") as f:
+        f.readinto(data)
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8:8 + header_size]))
+    header.pop("__metadata__", None)
+    with ThreadPoolExecutor() as pool:
+        checked = pool.submit(check, memoryview(data), pool) if check else None
+        flat = torch.frombuffer(data, dtype=torch.uint8)[8 + header_size:].to(device)
+        if checked:
+            checked.result()
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        tensors[name] = flat[start:end].view(dtype).view(info["shape"])
+    return tensors
 
 
 def load_into(modules, path):
@@ -85,32 +129,33 @@ class FolderWeights:
         key = str(device)
         if key not in self._on_device:
             source = self.override or self.path
-            tensors = self._read_checked(source)
-            self._on_device[key] = {name: t.to(device) for name, t in tensors.items()}
+            if not source.is_file():
+                raise UserInputError(f"weights file {source} is missing; rebuild the folder (or drop weights=)")
+            if source == self.path:
+                tensors = read_to_device(source, device, check=self._check_hash)
+            else:
+                tensors = read_to_device(source, device)
+                self._check_like_folder_file(source, tensors)
+                logger.info("using weights from %s instead of %s", source, self.path)
+            self._on_device[key] = tensors
         return self._on_device[key]
 
     def release(self):
         """Drop every device copy."""
         self._on_device.clear()
 
-    def _read_checked(self, source):
-        from safetensors.torch import load
-
-        if not source.is_file():
-            raise UserInputError(f"weights file {source} is missing; rebuild the folder (or drop --weights)")
-        data = source.read_bytes()
-        if source == self.path:
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != self.record["sha256"]:
-                raise UserInputError(
-                    f"{source}: sha256 {digest[:12]}... differs from the manifest's {self.record['sha256'][:12]}... "
-                    "(corrupt or replaced); rebuild the folder"
-                )
-            return load(data)
-        tensors = load(data)
-        self._check_like_folder_file(source, tensors)
-        logger.info("using weights from %s instead of %s", source, self.path)
-        return tensors
+    def _check_hash(self, data, pool):
+        """Refuse the folder's file unless its bytes hash to what the manifest recorded."""
+        record = self.record
+        if "chunk_sha256" in record:
+            matches = chunk_hashes(data, record["chunk_bytes"], pool) == record["chunk_sha256"]
+        else:
+            matches = hashlib.sha256(data).hexdigest() == record["sha256"]
+        if len(data) != record["size_bytes"] or not matches:
+            raise UserInputError(
+                f"{self.path}: contents differ from the manifest's sha256 {record['sha256'][:12]}... "
+                "(corrupt or replaced); rebuild the folder"
+            )
 
     def _check_like_folder_file(self, source, tensors):
         from safetensors import safe_open

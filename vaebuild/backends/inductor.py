@@ -130,7 +130,7 @@ def compile_package(request) -> EngineInfo:
             torch._inductor.aoti_compile_and_package(
                 exported,
                 package_path=str(tmp),
-                inductor_configs={"aot_inductor.package_constants_in_so": request["embed_weights"]},
+                inductor_configs=package_configs(request["embed_weights"]),
             )
     profiles = tuple({request["input_name"]: tuple(tuple(s) for s in p[request["input_name"]])}
                      for p in request["profiles"])
@@ -146,6 +146,18 @@ def compile_package(request) -> EngineInfo:
         build_seconds=time.perf_counter() - start,
         manifest_fields={**request["target"], "weights": "embedded" if request["embed_weights"] else "folder"},
     )
+
+
+def package_configs(embed_weights):
+    """Inductor settings of a package: weight-free unless `embed_weights`.
+
+    Weight-free packages also fold their constants at run time: with compile-time folding a package
+    keeps tensors derived from the weights it was compiled with (seen on CPU: prepacked convolution
+    weights), so another checkpoint given at load time would be mixed with stale copies of the first.
+    """
+    if embed_weights:
+        return {"aot_inductor.package_constants_in_so": True}
+    return {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True}
 
 
 def export_shapes(input_name, profiles, spatial_multiple):
@@ -224,54 +236,87 @@ def attach_weights(loader, tensors, where):
 
 
 def make_runner(engine_path, entry, weights, device, name=None):
-    """A Polygraphy runner (activate / infer / set_profile / deactivate) for one package."""
+    """A `PackageRunner` for one package of `entry` (not yet activated)."""
     import torch
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-    from polygraphy.datatype import DataType
 
     from vaebuild.precision import get_precision
 
-    engine_path = Path(engine_path)
-    device = torch.device(device or entry.get("device", "cpu"))
-    dtype = get_precision(entry["precision"]).dtype
-    input_name, output_name = entry["input"], entry["output"]
     ranges = [p["input"] for p in entry["profiles"]]
     # -1 marks an axis that varies within the profiles (Polygraphy accepts any size there).
     shape = [ranges[0]["min"][a] if all(r["min"][a] == r["max"][a] == ranges[0]["min"][a] for r in ranges) else -1
              for a in range(len(ranges[0]["min"]))]
+    return PackageRunner(
+        Path(engine_path), torch.device(device or entry.get("device", "cpu")), get_precision(entry["precision"]).dtype,
+        entry["input"], entry["output"], shape, weights if entry.get("weights") == "folder" else None, name,
+    )
 
-    class AotiRunner(BaseRunner):
-        """Runs one AOTInductor package on torch tensors (outputs stay on the device unless asked)."""
 
-        def __init__(self):
-            super().__init__(name=name or engine_path.name, prefix="aoti-runner")
-            self.loader = None
+class PackageRunner:
+    """Runs one AOTInductor package on torch tensors, with Polygraphy's runner interface (activate / infer /
+    set_profile / deactivate / get_input_metadata / last_inference_time, a context manager), so
+    Polygraphy's `Comparator` runs it as it runs a `TrtRunner`.
 
-        def activate_impl(self):
-            if not engine_path.is_file():
-                raise UserInputError(f"package file not found: {engine_path}")
-            loader = load_package(engine_path, device)
-            if entry.get("weights") == "folder":
-                if weights is None:
-                    raise UserInputError(f"{engine_path} is weight-free and no weights file was given")
-                attach_weights(loader, weights.tensors(device), engine_path)
-            self.loader = loader
+    Not a `polygraphy.backend.base.BaseRunner` subclass: importing Polygraphy would add tens of
+    milliseconds to the first package load of a process, and the runtime never needs it.
+    """
 
-        def get_input_metadata_impl(self):
-            return TensorMetadata().add(input_name, DataType.from_dtype(dtype), shape)
+    def __init__(self, engine_path, device, dtype, input_name, output_name, shape, weights, name=None):
+        self.engine_path, self.device, self.dtype = engine_path, device, dtype
+        self.input_name, self.output_name, self.shape = input_name, output_name, shape
+        self.weights = weights  # FolderWeights for a weight-free package, else None
+        self.name = name or engine_path.name
+        self.loader = None
+        self.inference_time = None
 
-        def set_profile(self, index):
-            """Every profile of a package is served by the same code: nothing to switch."""
+    @property
+    def is_active(self):
+        return self.loader is not None
 
-        def infer_impl(self, feed_dict, copy_outputs_to_host=True):
-            x = torch.as_tensor(feed_dict[input_name]).to(device=device, dtype=dtype)
-            start = time.perf_counter()
-            out = self.loader.run([x])[0]
-            self.inference_time = time.perf_counter() - start
-            return OrderedDict([(output_name, out.cpu() if copy_outputs_to_host else out)])
+    def activate(self):
+        """Load the package (and point a weight-free one at the folder's shared weights)."""
+        if not self.engine_path.is_file():
+            raise UserInputError(f"package file not found: {self.engine_path}")
+        loader = load_package(self.engine_path, self.device)
+        if self.weights is not None:
+            attach_weights(loader, self.weights.tensors(self.device), self.engine_path)
+        self.loader = loader
 
-        def deactivate_impl(self):
-            self.loader = None
+    def deactivate(self):
+        self.loader = None
 
-    return AotiRunner()
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.deactivate()
+
+    def get_input_metadata(self, use_numpy_dtypes=False):
+        """Polygraphy `TensorMetadata` of the one input (for `Comparator`)."""
+        from polygraphy.common import TensorMetadata
+        from polygraphy.datatype import DataType
+
+        return TensorMetadata().add(self.input_name, DataType.from_dtype(self.dtype), self.shape)
+
+    def set_profile(self, index):
+        """Every profile of a package is served by the same code: nothing to switch."""
+
+    def infer(self, feed_dict, check_inputs=True, copy_outputs_to_host=True):
+        """{output name: tensor} for {input name: tensor}; outputs stay on the device unless copied."""
+        import torch
+
+        x = torch.as_tensor(feed_dict[self.input_name])
+        if check_inputs and (x.dtype != self.dtype or not _shape_fits(tuple(x.shape), self.shape)):
+            raise UserInputError(f"{self.name} takes {self.dtype} {self.shape}, got {x.dtype} {list(x.shape)}")
+        x = x.to(device=self.device, dtype=self.dtype).contiguous()
+        start = time.perf_counter()
+        out = self.loader.run([x])[0]
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(self.output_name, out.cpu() if copy_outputs_to_host else out)])
+
+    def last_inference_time(self):
+        return self.inference_time
+
+
+def _shape_fits(shape, expected):
+    return len(shape) == len(expected) and all(e < 0 or e == s for s, e in zip(shape, expected))
