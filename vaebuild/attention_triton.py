@@ -207,8 +207,9 @@ def _tma_ready(t):
     return t.stride(-1) == 1 and (t.storage_offset() * size) % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
 
 
-def attention_forward(q, k, v, config=DEFAULT_CONFIG, wrap=lambda kernel: kernel):
+def attention_forward(q, k, v, config=None, wrap=lambda kernel: kernel):
     """softmax(q kᵀ / sqrt(384)) v for CUDA bf16/fp16 `[B, H, N, 384]` q, k, v; `wrap` = torch.library.wrap_triton."""
+    config = config or DEFAULT_CONFIG
     batch, heads, n, _ = q.shape
     if config.tma:
         _set_tma_allocator()
