@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -40,37 +41,33 @@ TOKENS = 166 * 166
 FLOOR_MS = 4 * TOKENS**2 * 384 / 790e12 * 1e3
 K = KernelConfig
 CONFIGS = [
-    K(lazy_rescale=False, splits=1),  # section 7's best: 3.38 ms
+    K(lazy_rescale=False, splits=1),  # section 7's design: 3.38 ms there
     K(splits=1),
     K(),
     K(splits=2),
-    K(splits=3),
     K(splits=4),
     K(splits=6),
     K(lazy_rescale=False),
-    K(tma=False, lazy_rescale=False, splits=1),
     K(tma=False),
-    K(block_n=64, num_stages=1, splits=1),
-    K(block_n=64, num_stages=1),
     K(block_n=16, num_stages=2),
     K(block_n=16, num_stages=3),
     K(block_n=16, num_stages=4),
-    K(num_warps=16, splits=1),
-    K(num_warps=16),
-    K(block_n=64, num_warps=16, num_stages=1),
-    K(block_n=16, num_warps=16, num_stages=3),
+    K(block_n=64, num_stages=1),
+    K(block_m=64, num_warps=8, num_stages=2),
+    K(block_m=64, num_warps=8, num_stages=2, splits=1),
+    K(block_m=64, num_warps=8, num_stages=2, lazy_rescale=False),
+    K(block_m=64, num_warps=8, num_stages=3),
+    K(block_m=64, block_n=16, num_warps=8, num_stages=4),
+    K(block_m=64, block_n=64, num_warps=8, num_stages=1),
     K(block_m=64, num_warps=4, num_stages=2),
     K(block_m=64, num_warps=4, num_stages=3),
-    K(block_m=64, num_warps=4, num_stages=1),
-    K(block_m=64, num_warps=8, num_stages=2),
-    K(block_m=64, num_warps=8, num_stages=3),
-    K(block_m=64, block_n=64, num_warps=4, num_stages=1),
-    K(block_m=64, block_n=64, num_warps=8, num_stages=1),
-    K(block_m=64, block_n=16, num_warps=4, num_stages=4),
+    K(block_m=64, num_warps=4, num_stages=1),  # 74 KB shared: 2 programs per SM
+    K(block_m=64, block_n=16, num_warps=4, num_stages=2),  # 98 KB: 2 programs per SM
+    K(block_m=64, block_n=16, num_warps=4, num_stages=2, lazy_rescale=False),
+    K(block_m=64, block_n=16, num_warps=4, num_stages=2, splits=1),
     K(warp_specialize=True),
-    K(warp_specialize=True, lazy_rescale=False, splits=1),
-    K(block_m=64, num_warps=4, num_stages=2, warp_specialize=True),
-    K(block_n=64, num_stages=1, warp_specialize=True),
+    K(block_m=64, num_warps=8, num_stages=2, warp_specialize=True),
+    K(block_m=64, block_n=16, num_warps=4, num_stages=2, warp_specialize=True),
 ]
 
 
@@ -108,7 +105,7 @@ def warm(indices, done_dir):
             torch.cuda.synchronize()
             Path(done_dir, f"{i}.ok").write_text("")
         except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result
-            Path(done_dir, f"{i}.err").write_text(" ".join(str(exc).split())[:300])
+            Path(done_dir, f"{i}.err").write_text(" ".join(str(exc).split())[-300:])
 
 
 def compile_all(workers, deadline_s):
@@ -220,18 +217,18 @@ def report(sweep_rows, check_rows, package_row, best_index):
         f"`python3 benchmarks/attention_kernel.py`; 1 head, dim 384, {TOKENS} tokens, bf16, q/k/v views of one [1,1,N,1152]",
         f"tensor (diffusers' layout); do_bench median; floor 4*N^2*d at 790 TFLOP/s = {FLOOR_MS:.2f} ms.",
         "",
-        "| # | BLOCK_M | BLOCK_N | warps | stages | TMA | lazy rescale | warp spec. | splits | ms | floor/time % | rel err | max abs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | BLOCK_M | BLOCK_N | warps | stages | TMA | lazy rescale | warp spec. | splits | ms | ms again | floor/time % | rel err | max abs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep_rows:
         if "block_m" not in r:
-            lines.append(f"| {r['variant']} | | | | | | | | | {r['ms']:.3f} | {100 * FLOOR_MS / r['ms']:.1f} | {r['rel']:.1e} | {r['max_abs']:.1e} |")
+            lines.append(f"| {r['variant']} | | | | | | | | | {r['ms']:.3f} | | {100 * FLOOR_MS / r['ms']:.1f} | {r['rel']:.1e} | {r['max_abs']:.1e} |")
             continue
         head = f"| {r['variant']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['tma']} | {r['lazy_rescale']} | {r['warp_specialize']} | {r['splits'] or 'auto'} |"
         if "error" in r:
-            lines.append(f"{head} - | - | - | {r['error'][:90]} |")
+            lines.append(f"{head} - | - | - | - | {r['error'][-90:]} |")
         else:
-            lines.append(f"{head} {r['ms']:.3f} | {100 * FLOOR_MS / r['ms']:.1f} | {r['rel']:.1e} | {r['max_abs']:.1e}{'' if r['finite'] else ' NON-FINITE'} |")
+            lines.append(f"{head} {r['ms']:.3f} | {fmt(r.get('ms_again'), '.3f')} | {100 * FLOOR_MS / r['ms']:.1f} | {r['rel']:.1e} | {r['max_abs']:.1e}{'' if r['finite'] else ' NON-FINITE'} |")
     lines += ["", f"Best: config {best_index}. Through the op vs fp32 math attention (worst of 3 fresh inputs, poisoned outputs):", "",
               "| dtype | tokens | max abs | rel err | SDPA max abs | SDPA rel err | op ms | SDPA ms |", "|---|---|---|---|---|---|---|---|"]
     for r in check_rows:
@@ -255,20 +252,25 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     sweep_rows = sweep(compile_all(args.workers, args.compile_deadline))
     timed = [r for r in sweep_rows if "block_m" in r and "ms" in r and r["finite"] and r["rel"] < 1e-2]
-    best_row = min(timed, key=lambda r: r["ms"])
+    q, k, v = qkv_views(TOKENS, torch.bfloat16, 2)
+    for r in sorted(timed, key=lambda r: r["ms"])[:6]:
+        r["ms_again"] = bench(lambda: attention_forward(q, k, v, CONFIGS[r["variant"]]))
+        print({"variant": r["variant"], "ms": r["ms"], "ms_again": r["ms_again"]}, flush=True)
+    best_row = min(timed, key=lambda r: min(r["ms"], r.get("ms_again", r["ms"])))
     best = CONFIGS[best_row["variant"]]
     check_rows = check(best)
     try:
         package_row = packaging(tempfile.mkdtemp())
     except Exception as exc:  # noqa: BLE001 - a packaging failure is a result to report
-        package_row = {"error": " ".join(str(exc).split())[:2000]}
-        print(package_row, flush=True)
+        traceback.print_exc()
+        package_row = {"error": " ".join(str(exc).split())[-2000:]}
     if "error" in package_row and best.tma:
         attention_triton.DEFAULT_CONFIG = replace(best, tma=False)
         try:
             package_row = {"pointer_loads": True, **packaging(tempfile.mkdtemp())}
         except Exception as exc:  # noqa: BLE001
-            package_row = {"pointer_loads": True, "error": " ".join(str(exc).split())[:2000]}
+            traceback.print_exc()
+            package_row = {"pointer_loads": True, "error": " ".join(str(exc).split())[-2000:]}
     text = report(sweep_rows, check_rows, package_row, best_row["variant"])
     (out / "attention_kernel_h100.md").write_text(text)
     (out / "sweep.json").write_text(json.dumps({"sweep": sweep_rows, "check": check_rows, "package": package_row}, indent=1))

@@ -20,7 +20,8 @@ import triton.language as tl
 
 HEAD_DIM = 384
 CHUNK = 128
-RESCALE_THRESHOLD = 8.0  # log2 units: rescale once a row max grew by more than 2^8
+RESCALE_THRESHOLD = tl.constexpr(8.0)  # log2 units: rescale once a row max grew by more than 2^8
+QK_SCALE = tl.constexpr(1.0 / math.sqrt(HEAD_DIM) * math.log2(math.e))  # softmax scale, exp2 domain
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def _load_chunk(desc, ptr, row0, col, stride_n, N, BLOCK: tl.constexpr, TMA: tl.
 @triton.jit
 def _attend_block(
     q0, q1, q2, acc0, acc1, acc2, m_i, l_i, k_desc, v_desc, k_ptr, v_ptr, stride_kn, stride_vn,
-    start_n, N, qk_scale,
+    start_n, N,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):
     """One key block: S, online-softmax update and P·V into the three accumulators."""
@@ -63,7 +64,7 @@ def _attend_block(
     s = tl.dot(q0, tl.trans(k0))
     s = tl.dot(q1, tl.trans(k1), s)
     s = tl.dot(q2, tl.trans(k2), s)
-    s = s * qk_scale
+    s = s * QK_SCALE
     if MASK:
         s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < N, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -103,7 +104,7 @@ def _attention_fwd(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_os, stride_on,
-    H, N, qk_scale, blocks_per_split,
+    H, N, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -140,12 +141,12 @@ def _attention_fwd(
     for start_n in tl.range(lo, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc0, acc1, acc2, m_i, l_i = _attend_block(
             q0, q1, q2, acc0, acc1, acc2, m_i, l_i, k_desc, v_desc, k_ptr, v_ptr, stride_kn, stride_vn,
-            start_n, N, qk_scale, BLOCK_N, False, TMA, LAZY,
+            start_n, N, BLOCK_N, False, TMA, LAZY,
         )
     if full_hi < hi:
         acc0, acc1, acc2, m_i, l_i = _attend_block(
             q0, q1, q2, acc0, acc1, acc2, m_i, l_i, k_desc, v_desc, k_ptr, v_ptr, stride_kn, stride_vn,
-            full_hi, N, qk_scale, BLOCK_N, True, TMA, LAZY,
+            full_hi, N, BLOCK_N, True, TMA, LAZY,
         )
     inv_l = 1.0 / l_i
     o_ptr = Out + b * stride_ob + h * stride_oh + split * stride_os
@@ -228,12 +229,11 @@ def attention_forward(q, k, v, config=None, wrap=lambda kernel: kernel):
         target = torch.empty((batch * heads, splits, n, HEAD_DIM), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch * heads, splits, n), dtype=torch.float32, device=q.device)
         target_strides = (heads * target.stride(0), target.stride(0), target.stride(1), target.stride(2))
-    qk_scale = 1.0 / math.sqrt(HEAD_DIM) * math.log2(math.e)
     wrap(_attention_fwd)[(q_blocks, batch * heads, splits)](
         q, k, v, target, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *target_strides,
-        heads, n, qk_scale, blocks_per_split,
+        heads, n, blocks_per_split,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=config.tma, LAZY=config.lazy_rescale,
         WARP_SPECIALIZE=config.warp_specialize, SPLIT=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
