@@ -41,21 +41,21 @@ TOKENS = 166 * 166
 FLOOR_MS = 4 * TOKENS**2 * 384 / 790e12 * 1e3
 K = KernelConfig
 CONFIGS = [
-    K(tma=False),  # run 2's best: 2.68 ms
-    K(tma=False, splits=1),
-    K(tma=False, splits=2),
-    K(tma=False, splits=4),
-    K(tma=False, splits=6),
-    K(tma=False, lazy_rescale=False),
-    K(tma=False, block_n=16),
-    K(tma=False, block_n=16, lazy_rescale=False),
-    K(tma=False, block_n=64, num_stages=1),
-    K(tma=False, block_m=64, num_stages=3),
-    K(num_stages=1),
-    K(num_stages=1, splits=1),
-    K(num_stages=1, lazy_rescale=False),
-    K(block_n=16, num_stages=1),
-    K(lazy_rescale=False),  # run 2: 3.06 ms
+    K(),  # run 2's best: 2.68 ms
+    K(splits=1),
+    K(splits=2),
+    K(splits=4),
+    K(splits=6),
+    K(lazy_rescale=False),
+    K(block_n=16),
+    K(block_n=16, lazy_rescale=False),
+    K(block_n=64, num_stages=1),
+    K(block_m=64, num_stages=3),
+    K(tma=True, num_stages=1),
+    K(tma=True, num_stages=1, splits=1),
+    K(tma=True, num_stages=1, lazy_rescale=False),
+    K(tma=True, block_n=16, num_stages=1),
+    K(tma=True, lazy_rescale=False),  # run 2: 3.06 ms
 ]
 
 

@@ -32,7 +32,7 @@ class KernelConfig:
     block_n: int = 32
     num_warps: int = 8
     num_stages: int = 2
-    tma: bool = True
+    tma: bool = False
     lazy_rescale: bool = True
     warp_specialize: bool = False
     splits: int = 0
