@@ -71,9 +71,12 @@ def describe_graphs(vae):
     )
 
 
-def build_graphs(vae, fold=True):
-    """The (encoder, decoder) graph modules of `vae`; `fold=True` applies the single-frame 2-D rewrite."""
-    source = fold_single_frame(vae) if fold else vae
+def build_graphs(vae, fold=True, fast_attention=False):
+    """The (encoder, decoder) graph modules of `vae`; `fold=True` applies the single-frame 2-D rewrite.
+
+    `fast_attention=True` (with `fold`) runs the mid-block attention through `vaebuild::attention_d384`.
+    """
+    source = fold_single_frame(vae, fast_attention=fast_attention) if fold else vae
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()
 
 

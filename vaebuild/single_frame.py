@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaebuild.attention import FastAttentionBlock
+
 
 class SingleFrameConv(nn.Module):
     """A causal Conv3d applied to a `[B, C, 1, H, W]` input, computed as a Conv2d."""
@@ -51,9 +53,14 @@ class NearestUpsample2x(nn.Module):
         return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").type_as(x)
 
 
-def fold_single_frame(vae):
-    """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs."""
+def fold_single_frame(vae, fast_attention=False):
+    """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
+
+    `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
+    `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); ONNX export keeps plain SDPA.
+    """
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
+        QwenImageAttentionBlock,
         QwenImageCausalConv3d,
         QwenImageResample,
         QwenImageUpsample,
@@ -71,4 +78,6 @@ def fold_single_frame(vae):
                 if child.scale_factor != (2.0, 2.0) or child.mode != "nearest-exact":
                     raise ValueError(f"unexpected upsampler {child}; only nearest-exact x2 is folded")
                 setattr(parent, name, NearestUpsample2x())
+            elif fast_attention and isinstance(child, QwenImageAttentionBlock):
+                setattr(parent, name, FastAttentionBlock(child))
     return folded

@@ -1,0 +1,72 @@
+"""The `vaebuild::attention_d384` op on CPU: its SDPA fallback, torch.export, and the folded VAE using it.
+
+The Triton kernel itself needs a Hopper GPU: benchmarks/attention_kernel.py checks it there.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageAttentionBlock
+
+from tests.conftest import make_tiny_vae
+from vaebuild.attention import FastAttentionBlock, kernel_usable
+from vaebuild.graphs import build_graphs
+from vaebuild.single_frame import fold_single_frame
+
+
+def _qkv_views(tokens, dim, seed):
+    qkv = torch.randn(2, 1, tokens, 3 * dim, generator=torch.Generator().manual_seed(seed))
+    return qkv.chunk(3, dim=-1)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 63, 100])
+@pytest.mark.parametrize("dim", [384, 32])
+def test_op_equals_sdpa_on_cpu(tokens, dim):
+    q, k, v = _qkv_views(tokens, dim, seed=tokens)
+    assert not kernel_usable(q, k, v)
+    out = torch.ops.vaebuild.attention_d384(q, k, v)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+
+
+def test_block_equals_diffusers_attention_block():
+    torch.manual_seed(0)
+    block = QwenImageAttentionBlock(384).eval()
+    with torch.no_grad():
+        block.norm.gamma.uniform_(0.5, 1.5)
+    fast = FastAttentionBlock(block)
+    assert fast.state_dict().keys() == block.state_dict().keys()
+    for height, width in ((1, 1), (3, 5), (7, 9)):
+        x = torch.randn(2, 384, 1, height, width)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), block(x), rtol=0, atol=1e-5)
+
+
+class _Attend(torch.nn.Module):
+    def forward(self, qkv):
+        q, k, v = qkv.chunk(3, dim=-1)
+        return torch.ops.vaebuild.attention_d384(q, k, v) + 1.0
+
+
+def test_op_survives_torch_export():
+    qkv = torch.randn(1, 1, 37, 3 * 384)
+    program = torch.export.export(_Attend(), (qkv,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "vaebuild.attention_d384.default" in targets
+    other = torch.randn(1, 1, 37, 3 * 384)
+    torch.testing.assert_close(program.module()(other), _Attend()(other), rtol=0, atol=0)
+
+
+def test_fold_with_fast_attention_equals_diffusers_decode():
+    vae = make_tiny_vae(seed=3)
+    folded = fold_single_frame(vae, fast_attention=True)
+    assert sum(isinstance(m, FastAttentionBlock) for m in folded.modules()) == 2  # encoder and decoder mid-blocks
+    assert not any(isinstance(m, QwenImageAttentionBlock) for m in folded.modules())
+    assert not any(isinstance(m, FastAttentionBlock) for m in fold_single_frame(vae).modules())
+    encoder, decoder = build_graphs(vae, fast_attention=True)
+    images = torch.rand(1, 3, 1, 40, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = torch.randn(1, 4, 1, 5, 7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), vae.encode(images).latent_dist.parameters, rtol=0, atol=1e-4)
+        expected = torch.clamp(vae.decode(latents).sample, -1, 1)
+        torch.testing.assert_close(decoder(latents), expected, rtol=0, atol=1e-4)
