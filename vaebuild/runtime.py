@@ -419,3 +419,6 @@ class TrtVae:
 
 def _image_size(shape, scale):
     return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
+
+
+from vaebuild.diffusers_vae import EngineVae  # noqa: E402
