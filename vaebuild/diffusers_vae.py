@@ -7,8 +7,8 @@ latents_std, ...), `temperal_downsample`, `dtype`, `device`, `encode(images)` (a
 `latent_dist` is diffusers' `DiagonalGaussianDistribution` of the encoder engine's 2z-channel moments)
 and `decode(latents)` (images clamped to [-1, 1], `.sample` or a tuple). Calls go through the runtime of
 `vaebuild.runtime`: the engine or profile that contains the shape, else the exact single-frame PyTorch
-model built from `fallback` (never a resize). The first call of each graph at each image size logs one
-line on the `vaebuild.diffusers` logger saying which path served it.
+model built from `fallback` (never a resize). Which path served each graph at each image size is logged
+once, in one line on the `vaebuild.diffusers` logger (again only if that path changes).
 
 Batches larger than the engines accept (the manifest's profile batch max) are split into chunks the
 engines take and concatenated; `enable_slicing()` forces chunks of one. Tiling and saving are refused
@@ -42,7 +42,7 @@ class EngineVae(ModelMixin, ConfigMixin):
         self.use_slicing = False
         self._dtype = runtime.dtype
         self._max_batch = {graph: _max_batch(runtime.manifest, graph) for graph in ("encoder", "decoder")}
-        self._logged_sizes = set()
+        self._logged_routes = set()
 
     @classmethod
     def from_folder(cls, folder, fallback=None, *, device=None, dtype=None, **runtime_kwargs):
@@ -135,7 +135,7 @@ class EngineVae(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ dispatch
 
     def _run(self, graph, x):
-        """The runtime's output for `x`, in batch chunks the engines accept; logs the path once per size."""
+        """The runtime's output for `x`, in batch chunks the engines accept; logs each size's path once."""
         run = self.runtime.encode if graph == "encoder" else self.runtime.decode
         chunk = 1 if self.use_slicing else self._max_batch[graph] or len(x)
         outputs = [run(part) for part in x.split(chunk)]
@@ -145,10 +145,11 @@ class EngineVae(ModelMixin, ConfigMixin):
     def _log_route(self, graph, shape):
         scale = 1 if graph == "encoder" else 2 ** len(self.temperal_downsample)
         size = f"{shape[-2] * scale}x{shape[-1] * scale}"
-        if (graph, size) in self._logged_sizes:
-            return
-        self._logged_sizes.add((graph, size))
         route = self.runtime.last_route[graph]
+        key = (graph, size, route.kind, route.engine)
+        if key in self._logged_routes:
+            return
+        self._logged_routes.add(key)
         if route.kind == "engine":
             logger.info("%s %s (HxW): engine %s, profile %d", graph, size, route.engine, route.profile)
         else:
