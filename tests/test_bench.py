@@ -102,7 +102,7 @@ def test_engine_rows_say_why_they_did_not_run(cpu_result):
     engine_rows = [r for r in cpu_result["rows"] if r["kind"] == "engine"]
     assert {r["status"] for r in engine_rows} == {"not run"}
     assert all("no CUDA GPU on this machine" in r["reason"] or "not importable" in r["reason"] for r in engine_rows)
-    assert cpu_result["engines"]["kind"] == "static" and cpu_result["engines"]["weights_match"] is True
+    assert cpu_result["engines"][0]["kind"] == "static" and cpu_result["engines"][0]["weights_match"] is True
 
 
 def test_markdown_has_the_seed_guide_columns_and_marks_cpu(cpu_result):

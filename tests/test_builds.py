@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from vaebuild.builds import build_engines
 from vaebuild.cli import app
-from vaebuild.engine_build import BuildOptions
+from vaebuild.backends.base import BuildOptions
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.fileio import sha256_file
@@ -358,7 +358,7 @@ def _fail_second_engine_write(monkeypatch, seen):
     """The second engine's file write stops half-way (disk full), leaving a partial temp file."""
     import builtins
 
-    import vaebuild.engine_build as engine_build
+    import vaebuild.backends.tensorrt as engine_build
 
     class HalfWriter:
         def __init__(self, path, mode):

@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vaebuild.backends.trt_import import import_polygraphy_trt
-from vaebuild.engine_build import BuildOptions, build_engine
+from vaebuild.backends.base import BuildOptions
+from vaebuild.backends.tensorrt import build_engine
 from vaebuild.errors import BackendMissingError, UserInputError, VaebuildError
 from vaebuild.fileio import sha256_file
 from conftest import importable as _importable, requires_rtx
@@ -263,7 +264,7 @@ def test_bare_polygraphy_import_does_not_fix_the_backend():
 
 def test_importing_engine_build_loads_no_tensorrt_or_polygraphy():
     code = (
-        "import sys, vaebuild.engine_build\n"
+        "import sys, vaebuild.backends.tensorrt\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('polygraphy', 'tensorrt', 'tensorrt_rtx', "
         "'tensorrt_rtx_bindings')]\n"
         "assert not loaded, loaded\n"

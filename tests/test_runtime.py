@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vaebuild.builds import build_engines
-from vaebuild.engine_build import BuildOptions, EngineInfo
+from vaebuild.backends.base import BuildOptions, EngineInfo
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.graphs import build_graphs
@@ -78,7 +78,7 @@ def write_fake_export(onnx_dir, vae, precision="fp32", model=None):
     return onnx_dir
 
 
-def _placeholder_build(onnx_path, engine_path, profiles, options):
+def _placeholder_build(backend, source, graph, engine_path, profiles, options):
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(b"placeholder engine")
     names = TENSOR_NAMES["encoder" if "encoder" in engine_path.name else "decoder"]
@@ -95,9 +95,9 @@ def build_fake_engine_dir(tmp_path, vae, kind, spec_text=None, backend="tensorrt
     spec_path.write_text(spec_text or (STATIC_SPEC if kind == "static" else MULTI_SPEC))
     onnx_dir = write_fake_export(tmp_path / "onnx", vae, precision, model)
     out = tmp_path / kind
-    installed = SimpleNamespace(trt=SimpleNamespace(__version__="0-test"))  # no TensorRT needed to describe engines
-    with mock.patch("vaebuild.builds.build_engine", _placeholder_build), \
-            mock.patch("vaebuild.builds.import_polygraphy_trt", lambda backend: installed, create=True):
+    # No TensorRT needed to describe engines.
+    with mock.patch("vaebuild.backends.tensorrt.TensorRTBackend.build_engine", _placeholder_build), \
+            mock.patch("vaebuild.backends.tensorrt.TensorRTBackend.version", lambda backend: "0-test"):
         build_engines(kind, load_spec(spec_path), onnx_dir, out, BuildOptions(backend=backend), log=lambda *a: None)
     return out
 
@@ -105,8 +105,9 @@ def build_fake_engine_dir(tmp_path, vae, kind, spec_text=None, backend="tensorrt
 class FakeRunners:
     """`runner_factory` double: records ("create"|"activate"|"profile"|"infer"|"release", engine, ...) events."""
 
-    def __init__(self, vae, root, fail_create=(), fail_activate=(), fail_infer=()):
+    def __init__(self, vae, root, fail_create=(), fail_activate=(), fail_infer=(), fail_times=None):
         encoder, decoder = build_graphs(vae)
+        self.fail_times = fail_times  # None: every time
         self.graphs = {"encoder": encoder, "decoder": decoder}
         self.root = Path(root)
         self.fail_create, self.fail_activate, self.fail_infer = set(fail_create), set(fail_activate), set(fail_infer)
@@ -115,7 +116,8 @@ class FakeRunners:
     def __call__(self, engine_path, backend, profile_index):
         rel = Path(engine_path).relative_to(self.root).as_posix()
         self.events.append(("create", rel, profile_index))
-        if rel in self.fail_create:
+        if rel in self.fail_create and self.fail_times != 0:
+            self.fail_times = None if self.fail_times is None else self.fail_times - 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return FakeRunner(self, rel, profile_index)
 
@@ -254,9 +256,10 @@ def test_multiprofile_uncovered_shape_falls_back_with_one_warning(multi_dir, tin
 # ---------------------------------------------------------------------------- static mode
 
 
-def test_static_pair_loads_lazily_is_reused_and_released_before_the_next(static_dir, tiny_vae):
+def test_static_pair_loads_lazily_and_is_reused(static_dir, tiny_vae):
     runners = FakeRunners(tiny_vae, static_dir)
     vae = fake_vae(static_dir, tiny_vae, runners)
+    assert vae.resident == "lazy"  # the default for TensorRT folders
     assert runners.events == []  # nothing loads at construction
 
     vae.decode(latents(tiny_vae, 32, 48))
@@ -269,19 +272,64 @@ def test_static_pair_loads_lazily_is_reused_and_released_before_the_next(static_
     assert len(runners.kinds("infer")) == 3
     assert vae.resident_engines == ("wide/vae_decoder.trt", "wide/vae_encoder.trt")
 
-    vae.decode(latents(tiny_vae, 48, 32))
-    tail = runners.kinds("create", "release")[2:]
-    assert tail == [
-        ("release", "wide/vae_decoder.trt"),
-        ("release", "wide/vae_encoder.trt"),
-        ("create", "tall/vae_decoder.trt", 0),
-    ]
-    assert vae.resident_engines == ("tall/vae_decoder.trt",)
+    vae.decode(latents(tiny_vae, 48, 32))  # no budget: the other size's pair stays loaded
+    assert runners.kinds("create", "release")[2:] == [("create", "tall/vae_decoder.trt", 0)]
+    assert vae.resident_engines == ("wide/vae_decoder.trt", "wide/vae_encoder.trt", "tall/vae_decoder.trt")
     assert set(vae.load_seconds) == {"wide/vae_decoder.trt", "wide/vae_encoder.trt", "tall/vae_decoder.trt"}
     assert all(seconds >= 0 for seconds in vae.load_seconds.values())
+    assert vae.resident_bytes == 3 * 18  # the fake engines' file sizes
 
     vae.release()
-    assert runners.events[-1] == ("release", "tall/vae_decoder.trt") and vae.resident_engines == ()
+    assert vae.resident_engines == ()
+    assert {e[1] for e in runners.kinds("release")} == set(vae.load_seconds)
+
+
+def test_memory_budget_releases_the_least_recently_used(static_dir, tiny_vae):
+    runners = FakeRunners(tiny_vae, static_dir)
+    vae = fake_vae(static_dir, tiny_vae, runners, memory_budget=2 * 18)  # room for two fake engines
+    vae.decode(latents(tiny_vae, 32, 48))
+    vae.encode(images(32, 48))
+    vae.decode(latents(tiny_vae, 32, 48))  # the wide decoder is now the most recently used
+    vae.encode(images(48, 32))
+    assert runners.kinds("create", "release")[2:] == [
+        ("release", "wide/vae_encoder.trt"),
+        ("create", "tall/vae_encoder.trt", 0),
+    ]
+    assert vae.resident_engines == ("wide/vae_decoder.trt", "tall/vae_encoder.trt")
+    assert vae.resident_bytes <= 2 * 18
+
+
+def test_resident_all_loads_every_engine_up_front(static_dir, tiny_vae):
+    runners = FakeRunners(tiny_vae, static_dir)
+    vae = fake_vae(static_dir, tiny_vae, runners, resident="all")
+    assert sorted(e[1] for e in runners.kinds("create")) == sorted(vae.engine_paths)
+    created = len(runners.events)
+    vae.decode(latents(tiny_vae, 48, 32))
+    vae.encode(images(32, 48))
+    assert runners.kinds("create", "release")[4:] == [] and len(runners.events) == created + 2  # two infers
+
+
+def test_out_of_memory_at_load_releases_the_others_and_retries(static_dir, tiny_vae):
+    runners = FakeRunners(tiny_vae, static_dir, fail_create=["tall/vae_decoder.trt"], fail_times=1)
+    vae = fake_vae(static_dir, tiny_vae, runners)
+    vae.decode(latents(tiny_vae, 32, 48))
+    vae.decode(latents(tiny_vae, 48, 32))
+    assert vae.last_route["decoder"].kind == "engine"
+    assert runners.kinds("create", "release")[1:] == [
+        ("create", "tall/vae_decoder.trt", 0),  # out of memory
+        ("release", "wide/vae_decoder.trt"),
+        ("create", "tall/vae_decoder.trt", 0),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(resident="eager"), "resident='eager'"),
+    (dict(memory_budget=0), "memory_budget must be a positive"),
+    (dict(weights="w.safetensors"), "has no weights file"),
+])
+def test_bad_residency_options(static_dir, tiny_vae, kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        fake_vae(static_dir, tiny_vae, FakeRunners(tiny_vae, static_dir), **kwargs)
 
 
 def test_static_engine_output_keeps_the_contract(static_dir, tiny_vae):

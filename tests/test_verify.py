@@ -73,7 +73,7 @@ def quiet(*args, **kwargs):
 def builds(tiny_vae_dir, tmp_path_factory):
     """{"onnx", "static", "multiprofile"}: an fp16 export of `tiny_vae_dir` and both builds of it."""
     from vaebuild.builds import build_engines
-    from vaebuild.engine_build import BuildOptions
+    from vaebuild.backends.base import BuildOptions
     from vaebuild.export import ExportOptions, export_onnx
     from vaebuild.model_source import ModelSource, load_vae
     from vaebuild.specs import load_spec
@@ -299,7 +299,7 @@ def test_missing_onnx_folder_is_not_run(static_copy, tmp_path):
 
 def test_trt_rows_run_through_the_comparator(static_copy, monkeypatch):
     """TensorRT cannot run here: an ONNX Runtime runner named "trt" stands in to drive the same code path."""
-    import vaebuild.engine_run
+    import vaebuild.backends.tensorrt as tensorrt_backend
     import vaebuild.verify as verify_module
 
     requested = []
@@ -312,8 +312,8 @@ def test_trt_rows_run_through_the_comparator(static_copy, monkeypatch):
         runner.name = name
         return runner
 
-    monkeypatch.setattr(vaebuild.engine_run, "runtime_unavailable_reason", lambda backend: None)
-    monkeypatch.setattr(vaebuild.engine_run, "load_trt_runner", stand_in)
+    monkeypatch.setattr(tensorrt_backend, "runtime_unavailable_reason", lambda backend: None)
+    monkeypatch.setattr(tensorrt_backend, "load_trt_runner", stand_in)
     report = verify_build(static_copy, VerifyOptions(device="cpu", require=("trt",)), log=quiet)
 
     assert requested == [("s/vae_encoder.trt", "tensorrt_rtx", 0), ("s/vae_decoder.trt", "tensorrt_rtx", 0)]

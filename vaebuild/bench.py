@@ -3,8 +3,15 @@
 Rows, for the encoder and the decoder separately at each size:
     3-D eager   diffusers `AutoencoderKLQwenImage.encode()` / `.decode()`: the PyTorch baseline
     2-D eager   vaebuild's exact single-frame graphs (`graphs.build_graphs`), eager PyTorch
-    engine      every engine of `--engines DIR` that serves the size, through `runtime.TrtVae`
-                (never its PyTorch fallback); otherwise the row says "not run: <reason>"
+    engine      for each `--engines DIR` (repeatable: folders are compared in the same run), the
+                engine that serves the size, through `runtime.VaeRuntime` (never its PyTorch
+                fallback); otherwise the row says "not run: <reason>"
+
+Engine costs users plan around: per engine row `load_ms` and `gpu_mb_held` measured in a fresh
+process (`vaebuild.load_probe`, one subprocess per static pair, encoder first: the first weight-free
+package of a folder also reads the shared weights), `first_call_ms` (the first call after the load,
+in this process); per folder `resident_mb` (every engine loaded at once, weights included, in a fresh
+process) and `disk_mb` (engine files plus the weights file).
 
 Timing: `warmup` untimed calls, then `runs` timed calls; CUDA events on a GPU, `time.perf_counter`
 on a CPU; median and p90 (nearest rank). Speedup = the 3-D median of the same size and graph, measured
@@ -57,11 +64,15 @@ class BenchOptions:
     warmup: int | None = None
     runs: int | None = None
     batch: int = 1
-    engines: Path | None = None
+    engines: tuple = ()  # engine folders (a single path is accepted too)
     flops: bool = True
     seed: int = 0
+    fresh_process_loads: bool = True  # measure engine loads in subprocesses (see vaebuild.load_probe)
 
     def __post_init__(self):
+        if isinstance(self.engines, (str, Path)):
+            object.__setattr__(self, "engines", (Path(self.engines),))
+        object.__setattr__(self, "engines", tuple(Path(e) for e in self.engines or ()))
         if not self.sizes:
             raise UserInputError("no sizes to benchmark; pass --sizes WxH[,WxH...]")
         for name, value, low in (("--warmup", self.warmup, 0), ("--runs", self.runs, 1), ("--batch", self.batch, 1)):
@@ -213,6 +224,9 @@ class _Row:
             "tflop": None,
             "peak_mem_mib": None,
             "load_seconds": None,
+            "load_ms": None,
+            "first_call_ms": None,
+            "gpu_mb_held": None,
         }
 
     def not_run(self, reason):
@@ -260,7 +274,12 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         if size.height % scale or size.width % scale:
             raise UserInputError(f"size {size.label} is not a multiple of {scale}, the VAE's downsampling factor")
 
-    engines_info, trt_vae = _open_engines(vae, options, device, runner_factory, unavailable_reason, log)
+    opened = [_open_engines(vae, folder, device, runner_factory, unavailable_reason, log) for folder in options.engines]
+    fresh_loads = [{} for _ in opened]
+    for (info, runtime), loads in zip(opened, fresh_loads):
+        if runtime is not None and options.fresh_process_loads:
+            log(f"measuring engine loads of {info['dir']} in fresh processes ...")
+            loads.update(measure_fresh_loads(runtime, device, info, log))
     log(f"preparing models on {_device_name(device)} in {precision} ...")
     encoder2d, decoder2d = (m.to(device=device, dtype=dtype) for m in build_graphs(vae))  # copies
     # nn.Module.to: diffusers' own `to` warns about float32-kept modules even when there are none (this VAE).
@@ -275,7 +294,7 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         "decoder": {ROW_3D: lambda z: vae3d.decode(z).sample, ROW_2D: decoder2d},
     }
     rows = []
-    total = len(options.sizes) * len(GRAPHS) * (3 if options.engines is not None else 2)
+    total = len(options.sizes) * len(GRAPHS) * (2 + len(opened))
     with torch.no_grad():
         for size in options.sizes:
             batch = options.batch
@@ -296,11 +315,12 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
                     if row_name == ROW_3D:
                         baseline = row.data["median_ms"]
                     rows.append(_finish(row, baseline, rows, total, log))
-                if options.engines is not None:
-                    row = _engine_row(trt_vae, engines_info, size, graph, x, device, warmup, runs)
+                for index, ((info, runtime), loads) in enumerate(zip(opened, fresh_loads)):
+                    row = _engine_row(runtime, info, index, size, graph, x, device, warmup, runs)
+                    row.data.update(loads.get(row.data.get("engine"), {}))
                     rows.append(_finish(row, baseline, rows, total, log))
-    if trt_vae is not None:
-        trt_vae.release()
+                    if runtime is not None:
+                        runtime.release()  # one folder's engines at a time on the GPU
     return {
         "benchmark": "vaebuild bench",
         "vaebuild_version": vaebuild.__version__,
@@ -315,23 +335,21 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         "timer": "cuda-event" if device.type == "cuda" else "perf_counter (CPU)",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "model": model_description,
-        "engines": engines_info,
+        "engines": [info for info, _ in opened],
         "sizes": [asdict(s) | {"label": s.label} for s in options.sizes],
         "rows": rows,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def _open_engines(vae, options, device, runner_factory, unavailable_reason, log):
-    """(engine info for the JSON, TrtVae or None); a folder that cannot be opened becomes a reason."""
-    if options.engines is None:
-        return None, None
+def _open_engines(vae, folder, device, runner_factory, unavailable_reason, log):
+    """(engine info for the JSON, VaeRuntime or None); a folder that cannot be opened becomes a reason."""
     from vaebuild.model_source import weights_sha256
-    from vaebuild.runtime import TrtVae, read_engine_dir
+    from vaebuild.runtime import VaeRuntime, read_engine_dir
 
-    info = {"dir": str(options.engines)}
+    info = {"dir": str(folder)}
     try:
-        manifest, _ = read_engine_dir(options.engines)
+        manifest, _ = read_engine_dir(folder)
     except UserInputError as err:
         info["error"] = str(err)
         return info, None
@@ -346,11 +364,12 @@ def _open_engines(vae, options, device, runner_factory, unavailable_reason, log)
         weights_match=manifest.get("weights_sha256") == weights_sha256(vae),
     )
     if not info["weights_match"]:
-        log(f"note: the engines in {options.engines} were built from other weights than the benchmarked model")
-    trt_vae = TrtVae(
-        options.engines,
-        multi_profile=manifest["kind"] == "multiprofile",
+        log(f"note: the engines in {folder} were built from other weights than the benchmarked model")
+    info["disk_mb"] = round(_folder_disk_bytes(folder, manifest) / 1e6, 1)
+    trt_vae = VaeRuntime(
+        folder,
         device=device,
+        resident="lazy",
         allow_fallback=False,
         runner_factory=runner_factory,
         unavailable_reason=unavailable_reason,
@@ -358,27 +377,68 @@ def _open_engines(vae, options, device, runner_factory, unavailable_reason, log)
     return info, trt_vae
 
 
-def _engine_row(trt_vae, info, size, graph, x, device, warmup, runs):
+def _engine_row(trt_vae, info, index, size, graph, x, device, warmup, runs):
     from vaebuild.runtime import EngineUnavailableError
 
-    label = f"engine {info.get('kind', '?')} {info.get('precision', '')}".strip()
+    label = f"engine {Path(info['dir']).name} ({info.get('kind', '?')} {info.get('precision', '')})"
     row = _Row(size, graph, label, "engine")
+    row.data["folder"] = index
     if trt_vae is None:
         row.not_run(info.get("error", "no engine folder"))
         return row
     run = trt_vae.encode if graph == "encoder" else trt_vae.decode
     loaded_before = dict(trt_vae.load_seconds)
     try:
-        run(x)  # the first call loads the engine: its cost is reported apart from the timed calls
+        route = trt_vae.prepare(graph, tuple(x.shape))  # loads the engine: its cost is reported apart
+        first_call_ms = time_calls(lambda: run(x), device, 0, 1)[0]
     except (EngineUnavailableError, VaebuildError) as err:
         row.not_run(str(err))
         return row
-    route = trt_vae.last_route[graph]
-    row.data.update(engine=route.engine, profile=route.profile)
+    row.data.update(engine=route.engine, profile=route.profile, first_call_ms=round(first_call_ms, 3))
     if trt_vae.load_seconds.get(route.engine) != loaded_before.get(route.engine):
         row.data["load_seconds"] = round(trt_vae.load_seconds[route.engine], 3)
     _measure_row(row, lambda: run(x), device, max(0, warmup - 1), runs)
     return row
+
+
+def measure_fresh_loads(runtime, device, info, log=print):
+    """{engine: {"load_ms", "gpu_mb_held"}} from fresh processes (one per static pair, one for a multi-profile
+    folder); `info` gets the folder's `resident_mb` (everything loaded at once, in one more process)."""
+    import json
+    import subprocess
+    import sys
+
+    groups = {}
+    for rel_path in runtime.engine_paths:
+        groups.setdefault(Path(rel_path).parent.as_posix(), []).append(rel_path)
+    # The encoder first, as a pipeline that encodes then decodes loads them.
+    ordered = [sorted(group, key=lambda rel: "decoder" in rel) for group in groups.values()]
+
+    def run_probe(engines):
+        command = [sys.executable, "-m", "vaebuild.load_probe", str(runtime.engine_dir), "--device", str(device)]
+        if engines:
+            command += ["--engines", ",".join(engines)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise VaebuildError(f"load probe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    loads = {}
+    try:
+        for engines in ordered:
+            loads.update(run_probe(engines)["engines"])
+        info["resident_mb"] = run_probe(None)["resident_mb"]
+    except VaebuildError as err:
+        log(f"note: {err}")
+        info["load_probe_error"] = str(err)
+    return loads
+
+
+def _folder_disk_bytes(folder, manifest):
+    files = [e["path"] for e in manifest["engines"]]
+    if manifest.get("weights_file"):
+        files.append(manifest["weights_file"]["path"])
+    return sum((Path(folder) / f).stat().st_size for f in files if (Path(folder) / f).is_file())
 
 
 def _finish(row, baseline, rows, total, log):
@@ -444,8 +504,8 @@ def _versions():
 def render_markdown(result, details=True):
     """The seed guide's table shape (size | decoder ... | encoder ...), notes, and optionally every row."""
     rows = result["rows"]
-    engines = result["engines"] is not None
-    by_key = {(r["size"], r["graph"], r["kind"]): r for r in rows}
+    folders = result["engines"]
+    by_key = {(r["size"], r["graph"], r["kind"], r.get("folder")): r for r in rows}
     cpu = result["device"]["type"] != "cuda"
     title = f"VAE latency: {result['device']['name']}, {result['precision']}, batch {result['batch']}"
     lines = [f"## {title}", ""]
@@ -457,7 +517,9 @@ def render_markdown(result, details=True):
         f"vaebuild {result['vaebuild_version']}; model {_model_text(result['model'])}; {result['timestamp_utc']}.",
         "",
     ]
-    names = ["3-D", "2-D"] + (["engine"] if engines else [])
+    columns = [("3-D", "pytorch-3d", None), ("2-D", "pytorch-2d", None)]
+    columns += [(f"E{i + 1}" if len(folders) > 1 else "engine", "engine", i) for i in range(len(folders))]
+    names = [name for name, _, _ in columns]
     header = ["size WxH"]
     for graph in GRAPHS:
         header += [
@@ -469,8 +531,7 @@ def render_markdown(result, details=True):
     for size in result["sizes"]:
         cells = [size["label"]]
         for graph in GRAPHS:
-            found = [by_key.get((size["label"], graph, kind)) for kind in ("pytorch-3d", "pytorch-2d", "engine")]
-            found = found[: len(names)]
+            found = [by_key.get((size["label"], graph, kind, folder)) for _, kind, folder in columns]
             cells.append(" / ".join(_fmt(r and r["tflop"], 2) for r in found[:2]))
             cells.append(" / ".join(_fmt(r and r["median_ms"], 1) for r in found))
             cells.append(" / ".join(_fmt(r and r["speedup_vs_3d"], 2, "x") for r in found[1:]))
@@ -483,13 +544,15 @@ def render_markdown(result, details=True):
         lines += ["", "Not run (shown as -):"]
         for reason, where in reasons.items():
             lines.append(f"- {reason} ({len(where)} row(s), e.g. {where[0]})")
-    if engines and result["engines"].get("kind"):
-        e = result["engines"]
-        lines += [
-            "",
-            f"Engines: {e['dir']} ({e['kind']}, {e['precision']}, {', '.join(e['backends'])} "
-            f"{', '.join(e['backend_versions'])}; same weights as the PyTorch rows: {e['weights_match']}).",
-        ]
+    for index, e in enumerate(folders):
+        if e.get("kind"):
+            name = names[2 + index]
+            lines += [
+                "",
+                f"{name}: {e['dir']} ({e['kind']}, {e['precision']}, {', '.join(e['backends'])} "
+                f"{', '.join(e['backend_versions'])}; same weights as the PyTorch rows: {e['weights_match']}).",
+            ]
+            lines += _load_table(result, index, e)
     if result.get("command"):
         lines += ["", f"Command: `{result['command']}`"]
     if details:
@@ -504,6 +567,23 @@ def render_markdown(result, details=True):
                 f"{_fmt(r['load_seconds'], 2)} | {note} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _load_table(result, index, e):
+    """Load and memory costs per engine of one folder, and its totals, beside LightX2V's TensorRT figures."""
+    lines = ["", f"Loading and memory, {Path(e['dir']).name}:", "",
+             "| engine | load ms (fresh process) | first call ms | GPU MB held after load |", "|---|---|---|---|"]
+    seen = set()
+    for r in result["rows"]:
+        if r["kind"] != "engine" or r.get("folder") != index or r["status"] != "ok" or r.get("engine") in seen:
+            continue
+        seen.add(r.get("engine"))
+        lines.append(f"| {r['engine']} | {_fmt(r['load_ms'], 1)} | {_fmt(r['first_call_ms'], 1)} | "
+                     f"{_fmt(r['gpu_mb_held'], 1)} |")
+    lines += ["", f"Folder: every engine resident at once: {_fmt(e.get('resident_mb'), 1)} MB of GPU memory "
+              f"(weights included); on disk: {_fmt(e.get('disk_mb'), 1)} MB. For reference, LightX2V's Qwen-Image VAE "
+              "TensorRT guide (static engines, H100): about 5 GB of GPU memory per engine pair, first load 178-344 ms."]
+    return lines
 
 
 def _fmt(value, digits, suffix=""):

@@ -3,17 +3,21 @@
 Static: one engine pair per spec entry, `OUT/<name>/vae_{encoder,decoder}.trt`.
 Multi-profile: `OUT/vae_{encoder,decoder}_multi_profile.trt`, profile index = spec order.
 Both write `OUT/manifest.json`, skip engines whose inputs did not change, and write each
-engine under a temporary name first.
+engine under a temporary name first. The backend decides the file suffix (`.trt` engines, `.pt2`
+AOTInductor packages) and what an engine is built from (`backends.base`); inductor folders also hold
+`weights.safetensors`, the one copy of the weights their packages share.
 """
 
 import json
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from multiprocessing import get_context
 from pathlib import Path
 
 import vaebuild
-from vaebuild.backends.trt_import import import_polygraphy_trt
-from vaebuild.engine_build import BuildOptions, build_engine
+from vaebuild.backends import get_backend
+from vaebuild.backends.base import BuildOptions
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, write_manifest
@@ -34,19 +38,99 @@ def read_export_record(onnx_dir):
     return record
 
 
-def planned_engines(spec, kind):
+@dataclass
+class BuildSource:
+    """What engines are built from: a `vaebuild export` folder (TensorRT backends) or the VAE itself (inductor).
+
+    `record` has the export record's shape either way: model, weights_sha256, vae_config, precision,
+    single_frame_fold and, per graph, its input and output names (plus file and sha256 for ONNX).
+    """
+
+    record: dict
+    onnx_dir: Path | None = None
+    vae: object = None
+    weights_path: Path | None = None  # the folder's weights file, once written (pytorch builds)
+
+    @classmethod
+    def from_onnx_dir(cls, onnx_dir):
+        """The export in `onnx_dir`."""
+        return cls(read_export_record(onnx_dir), onnx_dir=Path(onnx_dir).resolve())
+
+    @classmethod
+    def from_vae(cls, vae, described, precision):
+        """A loaded VAE (`described`: its `ModelSource.describe()`), compiled at `precision`."""
+        from vaebuild.graphs import describe_graphs
+        from vaebuild.model_source import weights_sha256
+        from vaebuild.precision import get_precision
+
+        get_precision(precision)
+        record = {
+            "model": described,
+            "weights_sha256": weights_sha256(vae),
+            "vae_config": {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
+            "precision": precision,
+            "single_frame_fold": True,
+            "graphs": {
+                g.name: {"input": {"name": g.input_name}, "output": {"name": g.output_name},
+                         "spatial_multiple": round(1 / g.scale) if g.scale < 1 else 1}
+                for g in describe_graphs(vae)
+            },
+        }
+        return cls(record, vae=vae)
+
+    def onnx_path(self, graph):
+        """The ONNX file of `graph` (TensorRT backends)."""
+        if self.onnx_dir is None:
+            raise UserInputError("TensorRT backends build from ONNX; pass --onnx DIR or the model options")
+        return self.onnx_dir / self.record["graphs"][graph]["file"]
+
+    def write_weights(self, out_dir):
+        """Write the 2-D graphs' weights at the build precision to `out_dir` (pytorch builds); return the record."""
+        from vaebuild.graphs import build_graphs
+        from vaebuild.precision import get_precision
+        from vaebuild.weights_file import WEIGHTS_NAME, write_weights_file
+
+        if self.vae is None:
+            raise UserInputError("the inductor backend compiles the PyTorch model; pass --model or --random-init, not --onnx")
+        dtype = get_precision(self.record["precision"]).dtype
+        graphs = [module.to(dtype=dtype) for module in build_graphs(self.vae)]
+        self.weights_path = Path(out_dir) / WEIGHTS_NAME
+        return write_weights_file(self.weights_path, graphs)
+
+    def compile_request(self, graph, engine_path, profiles, options):
+        """Everything a worker process needs to compile `graph` (plain data: it is pickled)."""
+        graph_record = self.record["graphs"][graph]
+        return {
+            "graph": graph,
+            "vae_config": self.record["vae_config"],
+            "weights_path": str(self.weights_path),
+            "precision": self.record["precision"],
+            "device": options.device or "cuda",
+            "engine_path": str(engine_path),
+            "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
+            "input_name": graph_record["input"]["name"],
+            "output_name": graph_record["output"]["name"],
+            "spatial_multiple": graph_record["spatial_multiple"],
+            "embed_weights": options.embed_weights,
+            "target": get_backend(options.backend).build_target(options),
+        }
+
+
+def planned_engines(spec, kind, suffix=".trt"):
     """(relative path, graph, [profile]) for every engine a build of `spec` produces."""
     if kind == "static":
         if spec.kind != "static":
             raise UserInputError(f"{spec.path} is a {spec.kind} spec; use `vaebuild multiprofile --spec {spec.path}`")
-        return [(f"{p.name}/vae_{graph}.trt", graph, [p]) for p in spec.profiles for graph in GRAPHS]
-    return [(f"vae_{graph}_multi_profile.trt", graph, list(spec.profiles)) for graph in GRAPHS]
+        return [(f"{p.name}/vae_{graph}{suffix}", graph, [p]) for p in spec.profiles for graph in GRAPHS]
+    return [(f"vae_{graph}_multi_profile{suffix}", graph, list(spec.profiles)) for graph in GRAPHS]
 
 
 def check_before_export(kind, spec, options: BuildOptions):
-    """Raise the errors a build would raise that need no export (spec kind, backend not installed)."""
-    planned_engines(spec, kind)
-    import_polygraphy_trt(options.backend)
+    """Raise the errors a build would raise that need no export or model (spec kind, backend missing, no GPU)."""
+    backend = get_backend(options.backend)
+    planned_engines(spec, kind, backend.file_suffix)
+    backend.version()
+    backend.build_target(options)
 
 
 def profile_shapes(graph, profile, record):
@@ -57,16 +141,24 @@ def profile_shapes(graph, profile, record):
     return profile.decoder_shapes(latent_channels=config["z_dim"])
 
 
-def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=print):
-    """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`."""
-    onnx_dir, out_dir = Path(onnx_dir).resolve(), Path(out_dir)
-    record = read_export_record(onnx_dir)
+def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print):
+    """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`.
+
+    `source` is a `BuildSource` (or, for the TensorRT backends, a `vaebuild export` folder). With
+    `options.jobs > 1` packages compile in that many worker processes.
+    """
+    if not isinstance(source, BuildSource):
+        source = BuildSource.from_onnx_dir(source)
+    backend = get_backend(options.backend)
+    out_dir = Path(out_dir)
+    record = source.record
     previous = read_manifest(out_dir) or {"kind": kind, "engines": []}
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
-    plan = planned_engines(spec, kind)
-    # Engines only load in the builder's own version: an upgraded backend must rebuild them.
-    backend_version = import_polygraphy_trt(options.backend).trt.__version__
+    plan = planned_engines(spec, kind, backend.file_suffix)
+    # Engines only load in the builder's own version (and packages on their own GPU): a change rebuilds them.
+    backend_version = backend.version()
+    target = backend.build_target(options)
     planned_paths = {rel_path for rel_path, _, _ in plan}
     previous_entries = {e["path"]: e for e in previous["engines"]}
     options_dict = _options_dict(options)
@@ -76,7 +168,7 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         "vaebuild_version": vaebuild.__version__,
         "kind": kind,
         "spec": {"path": str(spec.path), "names": list(spec.names)},
-        "onnx_dir": str(onnx_dir),
+        "onnx_dir": None if source.onnx_dir is None else str(source.onnx_dir),
         "model": record["model"],
         "weights_sha256": record["weights_sha256"],
         "vae_config": record["vae_config"],
@@ -85,33 +177,73 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         "build_options": options_dict,
         "engines": kept,
     }
+    if backend.builds_from == "pytorch":
+        manifest["weights_file"] = source.write_weights(out_dir)
+        log(f"weights: {manifest['weights_file']['path']} ({manifest['weights_file']['size_bytes'] / 1e6:.1f} MB, "
+            f"{manifest['weights_file']['tensors']} tensors)")
+
+    done, todo = {}, []  # rel_path -> finished entry; engines still to build
     for index, (rel_path, graph, profiles) in enumerate(plan, start=1):
         graph_record = record["graphs"][graph]
         requested = [{graph_record["input"]["name"]: profile_shapes(graph, p, record)} for p in profiles]
         key = build_key(
-            onnx_sha256=graph_record["sha256"],
+            source_sha256=graph_record.get("sha256", record["weights_sha256"]),
+            precision=record["precision"],
             profiles=requested,
-            options=options_dict,
+            options={k: v for k, v in options_dict.items() if k != "jobs"},
             backend=options.backend,
             backend_version=backend_version,
+            target=target,
         )
         prefix = f"[{index}/{len(plan)}] {rel_path}"
         old = previous_entries.get(rel_path)
         if engine_is_current(out_dir, old, key):
             log(f"{prefix}: up to date, skipped")
-            manifest["engines"].append(old)
+            done[rel_path] = old
         else:
-            log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
-            info = build_engine(onnx_dir / graph_record["file"], out_dir / rel_path, requested, options)
-            log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
-            manifest["engines"].append(_engine_entry(rel_path, graph, profiles, graph_record, info, key, record))
+            todo.append((prefix, rel_path, graph, profiles, requested, key))
+
+    def write():
+        manifest["engines"] = kept + [done[rel_path] for rel_path, _, _ in plan if rel_path in done]
         write_manifest(out_dir, manifest)
+
+    def finished(prefix, rel_path, graph, profiles, info, key):
+        log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
+        done[rel_path] = _engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record)
+        write()
+
+    write()
+
+    if options.jobs > 1 and len(todo) > 1:
+        _build_in_workers(backend, source, out_dir, todo, options, log, finished)
+    else:
+        for prefix, rel_path, graph, profiles, requested, key in todo:
+            log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
+            info = backend.build_engine(source, graph, out_dir / rel_path, requested, options)
+            finished(prefix, rel_path, graph, profiles, info, key)
     return manifest
+
+
+def _build_in_workers(backend, source, out_dir, todo, options, log, finished):
+    """Compile packages in `options.jobs` fresh processes; the manifest is updated here as each one ends."""
+    from vaebuild.backends.inductor import compile_package
+
+    if backend.builds_from != "pytorch":
+        raise UserInputError(f"--jobs works with the inductor backend only, not {options.backend}")
+    requests = {
+        prefix: source.compile_request(graph, out_dir / rel_path, requested, options)
+        for prefix, rel_path, graph, profiles, requested, key in todo
+    }
+    log(f"compiling {len(todo)} package(s) in {min(options.jobs, len(todo))} worker processes ...")
+    with ProcessPoolExecutor(max_workers=min(options.jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+        futures = {prefix: pool.submit(compile_package, requests[prefix]) for prefix in requests}
+        for prefix, rel_path, graph, profiles, requested, key in todo:
+            finished(prefix, rel_path, graph, profiles, futures[prefix].result(), key)
 
 
 def _engine_entry(rel_path, graph, profiles, graph_record, info, key, record):
     input_name = graph_record["input"]["name"]
-    return {
+    entry = {
         "path": rel_path,
         "graph": graph,
         "input": input_name,
@@ -129,14 +261,19 @@ def _engine_entry(rel_path, graph, profiles, graph_record, info, key, record):
         "precision": record["precision"],
         "backend": info.backend,
         "backend_version": info.backend_version,
-        "onnx_sha256": graph_record["sha256"],
-        "weights_sha256": record["weights_sha256"],
-        "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(info.build_seconds, 2),
-        "size_bytes": info.size_bytes,
-        "sha256": info.sha256,
-        "build_key": key,
     }
+    if "sha256" in graph_record:
+        entry["onnx_sha256"] = graph_record["sha256"]
+    entry.update(
+        weights_sha256=record["weights_sha256"],
+        built_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(info.build_seconds, 2),
+        size_bytes=info.size_bytes,
+        sha256=info.sha256,
+        build_key=key,
+        **info.manifest_fields,
+    )
+    return entry
 
 
 def _options_dict(options):
@@ -153,3 +290,12 @@ def export_for_build(source, export_options, out_dir, log=print):
     log(f"loading VAE ({described['kind']}) ...")
     export_unless_current(load_vae(source), described, onnx_dir, export_options, log)
     return onnx_dir
+
+
+def model_for_build(source, precision, log=print):
+    """Load the VAE of `source` for a backend that compiles the PyTorch model itself (inductor)."""
+    from vaebuild.model_source import load_vae
+
+    described = source.describe()
+    log(f"loading VAE ({described['kind']}) ...")
+    return BuildSource.from_vae(load_vae(source), described, precision)

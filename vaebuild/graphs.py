@@ -75,3 +75,19 @@ def build_graphs(vae, fold=True):
     """The (encoder, decoder) graph modules of `vae`; `fold=True` applies the single-frame 2-D rewrite."""
     source = fold_single_frame(vae) if fold else vae
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()
+
+
+def build_graph_modules_from_weights(vae_config, weights_path, precision, device):
+    """{"encoder", "decoder"}: the 2-D graphs of the architecture `vae_config` holding a weights file's tensors."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from vaebuild.precision import get_precision
+    from vaebuild.weights_file import load_into
+
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage.from_config(vae_config).eval()
+    encoder, decoder = build_graphs(vae)
+    dtype = get_precision(precision).dtype
+    modules = {"encoder": encoder.to_empty(device="cpu"), "decoder": decoder.to_empty(device="cpu")}
+    load_into(modules.values(), weights_path)
+    return {name: module.to(device=device, dtype=dtype) for name, module in modules.items()}

@@ -1,7 +1,9 @@
-"""`TrtVae`: encode and decode through vaebuild's engines, with the exact PyTorch 2-D model as fallback.
+"""`VaeRuntime` (alias `TrtVae`): encode and decode through vaebuild's engines, exact PyTorch 2-D model as fallback.
 
-It serves both folder layouts `vaebuild static` and `vaebuild multiprofile` write, from the config
-shape LightX2V uses: `{"trt_engine_path": DIR, "multi_profile": bool}` (also accepted nested as
+It serves every folder `vaebuild static` and `vaebuild multiprofile` write, whatever the backend
+(TensorRT / TensorRT-RTX engines, AOTInductor packages): each engine is loaded and run through its
+backend (`vaebuild.backends`), which this module never branches on. It accepts the config shape
+LightX2V uses: `{"trt_engine_path": DIR, "multi_profile": bool}` (also nested as
 `{"trt_vae_config": {...}}`). DIR must hold the `manifest.json` vaebuild writes: it says which
 engine serves which shape, its tensor names, precision and backend.
 
@@ -11,36 +13,45 @@ I/O contract (the engines'; the fallback returns the same):
     decode(latents [B, z, 1, h, w], already de-normalized) -> images [B, 3, 1, 8h, 8w], clamped to [-1, 1].
 Outputs have the input's dtype; engines run in their own precision (the input is cast to it).
 
-Static mode: an engine pair serves one exact image size. The pair for a size is loaded when that size
-is first requested (each graph on its first use); when a different size is requested, the pair in
-memory is released before the next one loads, so at most one pair is resident. The one-time load
-cost is logged and kept in `load_seconds` (engine path relative to DIR -> seconds).
+Static mode: an engine pair serves one exact image size. Multi-profile mode: among the profiles whose
+min..max range contains the input shape, the one whose opt (height, width) is nearest by L1 distance;
+ties go to the lowest profile index. A profile that does not contain the shape is never chosen
+(LightX2V's choice does not check this); a shape no profile contains falls back to PyTorch.
 
-Multi-profile mode: among the profiles whose min..max range contains the input shape, the one whose
-opt (height, width) is nearest by L1 distance; ties go to the lowest profile index. A profile that
-does not contain the shape is never chosen (LightX2V's choice does not check this); a shape no
-profile contains falls back to PyTorch.
+Residency: `resident="all"` (the default for folders of AOTInductor packages) loads every engine when
+the runtime is created, so switching resolutions costs nothing; `"lazy"` (the default otherwise)
+loads an engine on its first use. Either way `memory_budget` (bytes, None: no limit) bounds what stays
+loaded: before a load, the least recently used engines are released until the new one fits (each
+engine's size is measured at its load: the CUDA free-memory drop, else the runner's `memory_bytes`,
+else the file size). A load that runs out of memory releases every other engine and is tried once
+more. `load_seconds` and `engine_bytes` record each load.
+
+Shared weights: weight-free packages (inductor builds without `--embed-weights`) take their constants
+from the folder's `weights.safetensors`, loaded to the device once (hash checked against the manifest)
+and handed to every package without a copy. `weights=PATH` uses another checkpoint of the same
+architecture instead (e.g. a fine-tune written by `weights_file.write_weights_file`): tensor names,
+shapes and dtypes are checked; what `vaebuild verify` verified was the folder's own weights.
 
 Fallback: the single-frame 2-D PyTorch model (`graphs.build_graphs`, exact for one frame) whenever an
 engine cannot serve a call: no engine for the size or shape, the engine file is missing, the backend
-is not installed or does not support this GPU (`engine_run.runtime_unavailable_reason`), or loading,
-activating or running the engine failed (e.g. CUDA out of memory). Each distinct reason is logged once
-as a warning on the `vaebuild.runtime` logger; `fallback_counts` counts calls per reason. An engine
-that failed to load or run is not retried by the same `TrtVae`. The fallback model is `fallback_vae`
-if given, else loaded on first need from the model source recorded in the manifest.
+is not installed or cannot run here (its `unavailable_reason`: e.g. TensorRT-RTX on Hopper, a package
+compiled for another GPU or torch), or loading, activating or running the engine failed (e.g. CUDA
+out of memory). Each distinct reason is logged once as a warning on the `vaebuild.runtime` logger;
+`fallback_counts` counts calls per reason. An engine that failed to load or run is not retried. The
+fallback model is `fallback_vae` if given, else loaded on first need from the manifest's model source.
 
-Engines are created through `runner_factory(engine_path, backend, profile_index)`, by default
-`engine_run.load_trt_runner` (Polygraphy's TrtRunner: activate / infer / set_profile / deactivate);
-tests pass a fake. Not thread-safe: use one TrtVae per thread.
+Engines are created through `runner_factory(engine_path, backend, profile_index)`, by default the
+backend's `load_runner` (a Polygraphy runner: activate / infer / set_profile / deactivate); tests
+pass a fake. Not thread-safe: use one runtime per thread.
 """
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaebuild import engine_run
+from vaebuild.backends import get_backend
 from vaebuild.errors import UserInputError, VaebuildError, one_line
 from vaebuild.manifest import MANIFEST_NAME, read_build_manifest
 
@@ -89,6 +100,7 @@ class EngineEntry:
     precision: str
     profiles: tuple[EngineProfile, ...]
     scale: float  # image side / input side: 1 for the encoder, 8 for the decoder
+    raw: dict  # the manifest entry itself (backends read their own fields from it)
 
 
 @dataclass(frozen=True)
@@ -133,66 +145,101 @@ def read_engine_dir(engine_dir):
                 precision=raw["precision"],
                 profiles=profiles,
                 scale=raw["profiles"][0]["image"]["opt"][0] / raw["profiles"][0]["input"]["opt"][3],
+                raw=raw,
             )
         )
     return manifest, entries
 
 
-class TrtVae:
-    """Qwen-Image VAE served by vaebuild engines (static folders or multi-profile), PyTorch 2-D as fallback."""
+RESIDENCY = ("all", "lazy")
+
+
+class VaeRuntime:
+    """Qwen-Image VAE served by vaebuild engines of any backend (static or multi-profile), PyTorch 2-D as fallback."""
 
     def __init__(
         self,
         engine_dir,
-        multi_profile,
+        multi_profile=None,
         fallback_vae=None,
         *,
         device=None,
         dtype=None,
+        resident=None,
+        memory_budget=None,
+        weights=None,
         runner_factory=None,
         unavailable_reason=None,
         allow_fallback=True,
     ):
         """
-        engine_dir: a folder written by `vaebuild static` (multi_profile=False) or `vaebuild multiprofile`.
+        engine_dir: a folder written by `vaebuild static` or `vaebuild multiprofile`.
+        multi_profile: which of the two it must be (None: whatever its manifest says).
         fallback_vae: an AutoencoderKLQwenImage for the PyTorch fallback (default: load the manifest's model
             source on first need).
         device: where engines and the fallback run (default: cuda if available, else cpu).
         dtype: fallback model dtype (default: bfloat16 on cuda, float32 on cpu).
-        runner_factory: `(engine_path, backend, profile_index) -> runner` (default: engine_run.load_trt_runner).
-        unavailable_reason: `backend -> str | None` (default: engine_run.runtime_unavailable_reason).
+        resident: "all" (load every engine now) or "lazy" (on first use); default "all" for AOTInductor
+            folders, "lazy" otherwise.
+        memory_budget: bytes the loaded engines may hold together (LRU release beyond it); None: no limit.
+        weights: another safetensors file for weight-free packages (same architecture), instead of the folder's.
+        runner_factory: `(engine_path, backend, profile_index) -> runner` (default: the backend's load_runner).
+        unavailable_reason: `backend -> str | None` (default: the backend's check of each engine against this
+            process: package installed, GPU, compute capability, torch version).
         allow_fallback: False raises EngineUnavailableError instead of running PyTorch (benchmarks use this).
         """
         import torch
 
         self.engine_dir = Path(engine_dir)
-        self.multi_profile = bool(multi_profile)
         self.manifest, self._entries = read_engine_dir(self.engine_dir)
+        if multi_profile is None:
+            multi_profile = self.manifest["kind"] == "multiprofile"
+        self.multi_profile = bool(multi_profile)
         expected_kind = "multiprofile" if self.multi_profile else "static"
         if self.manifest["kind"] != expected_kind:
             raise UserInputError(
                 f"{self.engine_dir} holds a {self.manifest['kind']} build but multi_profile={self.multi_profile}; "
                 f"set multi_profile={self.manifest['kind'] == 'multiprofile'}"
             )
+        all_entries = [e for entries in self._entries.values() for e in entries]
+        if resident is None:
+            packages = all_entries and all(e.backend == "inductor" for e in all_entries)
+            resident = "all" if packages else "lazy"
+        if resident not in RESIDENCY:
+            raise UserInputError(f"resident={resident!r}: use one of {', '.join(RESIDENCY)}")
+        if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
+            raise UserInputError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
         config = self.manifest["vae_config"]
         self.z_dim = config["z_dim"]
         self._channels = {"encoder": config.get("input_channels", 3), "decoder": self.z_dim}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.resident = resident
+        self.memory_budget = memory_budget
         self.allow_fallback = allow_fallback
-        self._runner_factory = runner_factory or engine_run.load_trt_runner
-        self._unavailable_reason = unavailable_reason or engine_run.runtime_unavailable_reason
+        self._runner_factory = runner_factory or self._backend_runner
+        self._injected_reason = unavailable_reason
+        self._by_path = {e.rel_path: e for e in all_entries}
+        self.weights = None
+        if self.manifest.get("weights_file"):
+            from vaebuild.weights_file import FolderWeights
+
+            self.weights = FolderWeights(self.engine_dir, self.manifest["weights_file"], override=weights)
+        elif weights is not None:
+            raise UserInputError(f"{self.engine_dir} has no weights file (its engines carry their weights); drop weights=")
         self._fallback_vae = fallback_vae
         self._fallback_graphs = None
-        self._backend_reasons = {}
-        self._runners = {}  # rel_path -> active runner
+        self._reasons = {}  # rel_path -> why it cannot run here (None: it can)
+        self._runners = OrderedDict()  # rel_path -> active runner, least recently used first
         self._runner_profile = {}  # rel_path -> active profile index
-        self._resident_key = None  # static: the profile name (folder) whose engines are in memory
         self._failed = {}  # rel_path -> reason; never retried
         self._warned = set()
         self.load_seconds = {}  # rel_path -> seconds of its most recent load
+        self.engine_bytes = {}  # rel_path -> memory its most recent load took
         self.fallback_counts = Counter()  # reason -> number of calls served by PyTorch for it
         self.last_route = {}  # graph -> Route of its most recent call
+        if resident == "all":
+            self.load_all()
 
     @classmethod
     def from_config(cls, config, fallback_vae=None, **kwargs):
@@ -216,11 +263,41 @@ class TrtVae:
         """Images `[B, 3, 1, 8h, 8w]` in [-1, 1] of de-normalized latents `[B, z, 1, h, w]`."""
         return self._run("decoder", latents)
 
+    @property
+    def engine_paths(self):
+        """Relative paths of every engine the manifest lists."""
+        return tuple(self._by_path)
+
+    def load(self, rel_path):
+        """Load one engine (its first profile) unless it is in memory; EngineUnavailableError says why it cannot."""
+        entry = self._by_path.get(rel_path)
+        if entry is None:
+            raise UserInputError(f"{self.engine_dir / MANIFEST_NAME} lists no engine {rel_path!r}")
+        runner, reason = self._runner_for(entry, entry.profiles[0])
+        if runner is None:
+            raise EngineUnavailableError(reason)
+
+    def load_all(self):
+        """Load every engine of the folder now (each with its first profile); failures fall back later."""
+        for entry in self._by_path.values():
+            if entry.rel_path not in self._runners:
+                self._runner_for(entry, entry.profiles[0])
+
+    def prepare(self, graph, shape):
+        """Load the engine that serves inputs of `shape` and return its `Route`; EngineUnavailableError says why none."""
+        entry, profile, reason = self._plan(graph, tuple(shape))
+        if entry is not None:
+            runner, reason = self._runner_for(entry, profile)
+            if runner is not None:
+                return Route("engine", entry.rel_path, profile.index)
+        raise EngineUnavailableError(reason)
+
     def release(self):
-        """Deactivate every engine in memory (they load again on their next use)."""
+        """Deactivate every engine in memory (they load again on their next use) and drop the shared weights."""
         for rel_path in list(self._runners):
             self._release(rel_path)
-        self._resident_key = None
+        if self.weights is not None:
+            self.weights.release()
 
     close = release
 
@@ -239,8 +316,13 @@ class TrtVae:
 
     @property
     def resident_engines(self):
-        """Relative paths of the engines now in memory."""
+        """Relative paths of the engines now in memory, least recently used first."""
         return tuple(self._runners)
+
+    @property
+    def resident_bytes(self):
+        """Memory the engines now in memory took at their loads (shared weights: with the first that needed them)."""
+        return sum(self.engine_bytes.get(rel, 0) for rel in self._runners)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -301,20 +383,18 @@ class TrtVae:
         )
 
     def _runner_for(self, entry, profile):
-        """(active runner set to `profile`, None) or (None, reason); loads lazily, releases the old pair first."""
+        """(active runner set to `profile`, None) or (None, reason); loads lazily within the memory budget."""
         if entry.rel_path in self._failed:
             return None, self._failed[entry.rel_path]
         if not entry.path.is_file():
             return None, f"engine file missing: {entry.path}"
-        reason = self._backend_reason(entry.backend)
+        reason = self._unavailable(entry)
         if reason:
             return None, f"{entry.backend} engines cannot run here: {reason}"
-        if not self.multi_profile and self._resident_key != profile.name:
-            self.release()  # bounded memory: the previous size's pair goes before the next one loads
-            self._resident_key = profile.name
         runner = self._runners.get(entry.rel_path)
         if runner is None:
             return self._load(entry, profile)
+        self._runners.move_to_end(entry.rel_path)
         if self._runner_profile[entry.rel_path] != profile.index:
             try:
                 runner.set_profile(profile.index)
@@ -327,23 +407,59 @@ class TrtVae:
         return runner, None
 
     def _load(self, entry, profile):
-        start = time.perf_counter()
-        runner = None
+        self._make_room(self.engine_bytes.get(entry.rel_path, entry.path.stat().st_size))
         try:
-            runner = self._runner_factory(entry.path, entry.backend, profile.index)
-            runner.activate()
+            runner, seconds, used = self._activate(entry, profile)
         except Exception as err:  # foreign runtime: CUDA OOM, deserialization errors, ...
-            reason = f"loading {entry.rel_path} failed: {one_line(err, with_type=True)}"
-            self._failed[entry.rel_path] = reason
-            if runner is not None and getattr(runner, "is_active", False):
-                runner.deactivate()
-            return None, reason
-        seconds = time.perf_counter() - start
+            if not (_is_out_of_memory(err) and self._runners):
+                reason = f"loading {entry.rel_path} failed: {one_line(err, with_type=True)}"
+                self._failed[entry.rel_path] = reason
+                return None, reason
+            logger.info("out of memory loading %s: releasing %d engine(s) and trying again",
+                        entry.rel_path, len(self._runners))
+            self.release()
+            return self._load(entry, profile)
         self._runners[entry.rel_path] = runner
         self._runner_profile[entry.rel_path] = profile.index
         self.load_seconds[entry.rel_path] = seconds
-        logger.info("loaded %s (profile %d, %s) in %.2f s", entry.rel_path, profile.index, profile.name, seconds)
+        self.engine_bytes[entry.rel_path] = used
+        logger.info("loaded %s (profile %d, %s) in %.3f s, %.1f MB", entry.rel_path, profile.index, profile.name,
+                    seconds, used / 1e6)
         return runner, None
+
+    def _activate(self, entry, profile):
+        """(active runner, seconds, bytes it took) for one engine; raises what the backend raised."""
+        import torch
+
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+            free_before = torch.cuda.mem_get_info(self.device)[0]
+        start = time.perf_counter()
+        runner = self._runner_factory(entry.path, entry.backend, profile.index)
+        try:
+            runner.activate()
+        except BaseException:
+            if getattr(runner, "is_active", False):
+                runner.deactivate()
+            raise
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if on_cuda:
+            used = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+        else:
+            used = getattr(runner, "memory_bytes", None) or entry.path.stat().st_size
+        return runner, seconds, used
+
+    def _make_room(self, needed):
+        """Release least recently used engines until `needed` more bytes fit the memory budget."""
+        if self.memory_budget is None:
+            return
+        while self._runners and self.resident_bytes + needed > self.memory_budget:
+            oldest = next(iter(self._runners))
+            logger.info("memory budget %d bytes: releasing %s", self.memory_budget, oldest)
+            self._release(oldest)
 
     def _release(self, rel_path):
         runner = self._runners.pop(rel_path, None)
@@ -352,10 +468,19 @@ class TrtVae:
             runner.deactivate()
             logger.info("released %s", rel_path)
 
-    def _backend_reason(self, backend):
-        if backend not in self._backend_reasons:
-            self._backend_reasons[backend] = self._unavailable_reason(backend)
-        return self._backend_reasons[backend]
+    def _unavailable(self, entry):
+        if entry.rel_path not in self._reasons:
+            if self._injected_reason is not None:
+                self._reasons[entry.rel_path] = self._injected_reason(entry.backend)
+            else:
+                self._reasons[entry.rel_path] = get_backend(entry.backend).unavailable_reason(entry.raw, self.device)
+        return self._reasons[entry.rel_path]
+
+    def _backend_runner(self, engine_path, backend, profile_index):
+        entry = self._by_path[Path(engine_path).relative_to(self.engine_dir).as_posix()]
+        return get_backend(backend).load_runner(
+            engine_path, entry.raw, profile_index, weights=self.weights, device=self.device
+        )
 
     def _infer(self, runner, entry, x):
         import torch
@@ -363,12 +488,12 @@ class TrtVae:
         from vaebuild.precision import get_precision
 
         feed = x.to(device=self.device, dtype=get_precision(entry.precision).dtype).contiguous()
-        if feed.is_cuda:
+        if feed.is_cuda and not get_backend(entry.backend).runs_on_caller_stream:
             # The runner works on its own stream: make the input's producers finish first.
             torch.cuda.current_stream(feed.device).synchronize()
         outputs = runner.infer({entry.input_name: feed}, copy_outputs_to_host=False)
         out = torch.as_tensor(outputs[entry.output_name])
-        # Runners reuse their output buffers between calls: always return a copy.
+        # Runners may reuse their output buffers between calls: always return a copy.
         return out.to(dtype=x.dtype, copy=True)
 
     # ------------------------------------------------------------------ PyTorch fallback
@@ -415,6 +540,14 @@ class TrtVae:
                 described, self.engine_dir,
             )
         return vae
+
+
+TrtVae = VaeRuntime  # the name before other backends existed
+
+
+def _is_out_of_memory(err):
+    text = str(err).lower()
+    return "out of memory" in text or "outofmemory" in type(err).__name__.lower()
 
 
 def _image_size(shape, scale):

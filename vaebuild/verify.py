@@ -13,7 +13,9 @@ engine's precision and fed, through Polygraphy's `Comparator`, to:
 - `onnxrt`: ONNX Runtime on the exported ONNX graph (a bf16 graph runs as its float32 twin, the
   same bf16-rounded weights computed in float32, since ONNX Runtime's CPU provider has no bf16
   convolution). Each (graph, input) is compared once, even when several profiles share the shape;
-- `trt`: the engine itself through Polygraphy's `TrtRunner`, with the profile's index selected.
+- the engine itself, through its backend's Polygraphy runner: `trt` (`TrtRunner` with the profile's
+  index selected) or `inductor` (the AOTInductor package, with the folder's shared weights). Engines
+  built from PyTorch (inductor) have no ONNX file, so no `onnxrt` row.
 
 Metrics per row (one output per graph): max |out - ref|, mean |out - ref|, rel = max |out - ref| /
 max |ref| (normalised by the reference's peak, not element-wise), and for the decoder the PSNR of
@@ -45,13 +47,13 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vaebuild import engine_run
+from vaebuild.backends import get_backend
 from vaebuild.errors import MismatchError, UserInputError, VaebuildError, one_line
 from vaebuild.fileio import sha256_file
 
 REPORT_VERSION = 1
 CPU_MAX_SIDE = 1024
-RUNNERS = ("onnxrt", "trt")
+RUNNERS = ("onnxrt", "trt", "inductor")
 PASS, FAIL, NOT_RUN, SKIPPED = "pass", "FAIL", "not run", "skipped"
 LEVELS = ("min", "opt", "max")
 REFERENCE_NAME = "pytorch"
@@ -232,7 +234,8 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
 
     # Bind Polygraphy to the engines' backend before anything imports it (see backends.trt_import).
     backends = sorted({e["backend"] for e in manifest["engines"]})
-    unavailable = {b: engine_run.runtime_unavailable_reason(b) for b in backends}
+    unavailable = {e["path"]: get_backend(e["backend"]).unavailable_reason(e, e.get("device", "cuda"))
+                   for e in manifest["engines"]}
     installed = {b: _installed_version(b) for b in backends}
 
     device = _reference_device(options.device)
@@ -259,7 +262,9 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
     for entry in manifest["engines"]:
         precision = entry.get("precision", manifest["precision"])
         report.tolerances.setdefault(precision, options.tolerances(precision))
-        problem = check_engine_file(folder, entry, installed.get(entry["backend"]), weights_hash)
+        version_checked = get_backend(entry["backend"]).version_mismatch_fails
+        problem = check_engine_file(folder, entry, installed.get(entry["backend"]) if version_checked else None,
+                                    weights_hash)
         report.engines.append({
             "path": entry["path"], "graph": entry["graph"], "backend": entry["backend"],
             "backend_version": entry.get("backend_version"), "installed_version": installed.get(entry["backend"]),
@@ -270,9 +275,10 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
         plans.extend(_plan_rows(folder, entry, precision, problem, onnx_files, unavailable, max_side, options))
 
     plans = _without_repeated_onnx_rows(plans)
+    weights = _folder_weights(folder, manifest)
     for index, (row, context) in enumerate(plans, start=1):
         if row.status is None:
-            _run_row(row, context, reference, options)
+            _run_row(row, context, reference, options, weights)
         report.rows.append(row)
         detail = f": {row.reason}" if row.reason and row.status != PASS else ""
         log(f"[{index}/{len(plans)}] {row.where} {row.runner}: {row.status}{detail}")
@@ -390,7 +396,9 @@ def _plan_rows(folder, entry, precision, engine_problem, onnx_files, unavailable
                 f"image side {max(image)} > --max-side {max_side}"
                 + (" (the CPU default; --max-side 0 runs every shape)" if options.max_side is None else "")
             )
-            for runner in RUNNERS:
+            engine_runner = get_backend(entry["backend"]).runner_name
+            runners = (["onnxrt"] if "onnx_sha256" in entry else []) + [engine_runner]
+            for runner in runners:
                 if runner in options.skip:
                     plans.append((Row(**base, runner=runner, status=SKIPPED, reason=f"--skip {runner}"), context))
                     continue
@@ -403,7 +411,7 @@ def _plan_rows(folder, entry, precision, engine_problem, onnx_files, unavailable
                                    f"{entry['onnx_sha256'][:12]}... this engine was built from")
                 else:
                     problem = engine_problem and f"engine check: {engine_problem}"
-                    not_run = unavailable[entry["backend"]]
+                    not_run = unavailable[entry["path"]]
                 if problem:
                     row = Row(**base, runner=runner, status=FAIL, reason=problem)
                 elif too_big:
@@ -512,8 +520,8 @@ def _strict_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _reference_runner(graph, input_name, output_name, shape, reference):
-    """A Polygraphy runner serving the cached diffusers reference output."""
+def _reference_runner(graph, input_name, output_name, shape, dtype, reference):
+    """A Polygraphy runner serving the cached diffusers reference output (it accepts inputs of `dtype`)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
     from polygraphy.datatype import DataType
@@ -523,7 +531,7 @@ def _reference_runner(graph, input_name, output_name, shape, reference):
             super().__init__(name=REFERENCE_NAME)
 
         def get_input_metadata_impl(self):
-            return TensorMetadata().add(input_name, DataType.FLOAT32, shape)
+            return TensorMetadata().add(input_name, DataType.from_dtype(dtype), shape)
 
         def infer_impl(self, feed_dict):
             import torch
@@ -549,10 +557,11 @@ def _seeded_feed(graph, shape, vae_config, precision, seed):
     return feed.to(dtype).float() if dtype else feed
 
 
-def _run_row(row, context, reference, options):
+def _run_row(row, context, reference, options, weights):
     """Run the reference and the row's runner on one input through Polygraphy, and fill the row's metrics."""
     entry, tolerances = context["entry"], context["tolerances"]
     feed = _seeded_feed(row.graph, row.shape, reference.vae.config, context["precision"], options.seed)
+    feed = feed.to(_feed_dtype(row.runner, context["precision"]))
     row.max_abs_limit, row.min_psnr = None, tolerances.min_psnr if row.graph == "decoder" else None
     start = time.perf_counter()
     try:
@@ -561,7 +570,7 @@ def _run_row(row, context, reference, options):
         row.status, row.reason = FAIL, f"PyTorch reference failed: {one_line(err)}"
         return
     try:
-        runner = _make_runner(row, context)
+        runner = _make_runner(row, context, weights)
         runs = _polygraphy_run(row, entry, runner, feed, reference)
     except VaebuildError as err:
         row.status, row.reason = FAIL, str(err)
@@ -574,12 +583,32 @@ def _run_row(row, context, reference, options):
     _judge(row, runs, entry, tolerances)
 
 
-def _make_runner(row, context):
+def _make_runner(row, context, weights):
     if row.runner == "onnxrt":
         return _onnxrt_runner(context["onnx"].path, context["precision"])
-    from vaebuild.engine_run import load_trt_runner
+    entry = context["entry"]
+    return get_backend(entry["backend"]).load_runner(
+        context["engine_path"], entry, row.profile_index, weights=weights, name=row.runner, device=entry.get("device")
+    )
 
-    return load_trt_runner(context["engine_path"], context["entry"]["backend"], row.profile_index, name="trt")
+
+def _feed_dtype(runner, precision):
+    """The input dtype a runner checks for: the engine's precision, or the ONNX graph's input type
+    (a bf16 graph runs as its float32 twin)."""
+    import torch
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if runner == "onnxrt" and precision == "bf16":
+        return torch.float32
+    return dtypes[precision]
+
+
+def _folder_weights(folder, manifest):
+    """The folder's shared weights for weight-free packages (loaded on first use), or None."""
+    from vaebuild.weights_file import FolderWeights
+
+    record = manifest.get("weights_file")
+    return FolderWeights(folder, record) if record else None
 
 
 def _onnxrt_runner(path, precision):
@@ -602,7 +631,7 @@ def _polygraphy_run(row, entry, runner, feed, reference):
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    ref_runner = _reference_runner(row.graph, entry["input"], entry["output"], row.shape, reference)
+    ref_runner = _reference_runner(row.graph, entry["input"], entry["output"], row.shape, feed.dtype, reference)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         runs = Comparator.run([ref_runner, runner], data_loader=[OrderedDict([(entry["input"], feed)])])
         return Comparator.postprocess(runs, _to_float32_numpy)
@@ -677,10 +706,8 @@ def _psnr_255(out, ref):
 
 def _installed_version(backend):
     """The installed version of `backend`, or None when it is not installed here."""
-    from vaebuild.backends.trt_import import import_polygraphy_trt
-
     try:
-        return import_polygraphy_trt(backend).trt.__version__
+        return get_backend(backend).version()
     except VaebuildError:
         return None
 

@@ -1,1 +1,19 @@
-"""Engine backends: full TensorRT and TensorRT for RTX, both driven through Polygraphy."""
+"""Engine backends, one module per format: `tensorrt` (TensorRT and TensorRT-RTX through Polygraphy)
+and `inductor` (AOTInductor packages). `base` describes the interface they share."""
+
+from vaebuild.backends.base import BACKENDS, check_backend_name
+
+
+def get_backend(name):
+    """The `EngineBackend` called `name` (one of BACKENDS); heavy imports stay lazy."""
+    check_backend_name(name)
+    if name == "inductor":
+        from vaebuild.backends.inductor import InductorBackend
+
+        return InductorBackend()
+    from vaebuild.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(name)
+
+
+__all__ = ["BACKENDS", "get_backend"]

@@ -19,8 +19,9 @@ SizesOption = Annotated[
     ),
 ]
 EnginesOption = Annotated[
-    Optional[Path],
-    typer.Option("--engines", help="Folder of a vaebuild static or multiprofile build: adds one engine row per size."),
+    Optional[list[Path]],
+    typer.Option("--engines", help="Folder of a vaebuild static or multiprofile build: adds one engine row per size "
+                 "(repeatable: several folders are compared in the same run)."),
 ]
 BenchPrecisionOption = Annotated[
     Optional[str], typer.Option("--precision", help="PyTorch rows' precision: bf16, fp16 or fp32 (default: bf16 on "
@@ -70,7 +71,7 @@ def bench(
         warmup=warmup,
         runs=runs,
         batch=batch,
-        engines=engines,
+        engines=tuple(engines or ()),
         flops=flops,
     )
     options.resolve()  # fail on a bad --device before loading the model

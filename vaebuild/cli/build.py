@@ -33,8 +33,17 @@ OnnxOption = Annotated[
 ]
 BackendOption = Annotated[
     str,
-    typer.Option("--backend", help="tensorrt (full TensorRT, on your GPU) or tensorrt_rtx (builds on CPU-only hosts).",
+    typer.Option("--backend", help="tensorrt (full TensorRT, on your GPU), tensorrt_rtx (builds on CPU-only hosts) "
+                 "or inductor (AOTInductor packages of the PyTorch model; run by torch).",
                  rich_help_panel="Builder"),
+]
+EmbedWeightsOption = Annotated[
+    bool,
+    typer.Option("--embed-weights", help="inductor: each package carries its own weights instead of sharing "
+                 "OUT/weights.safetensors.", rich_help_panel="Builder"),
+]
+JobsOption = Annotated[
+    int, typer.Option("--jobs", help="inductor: packages compiled in parallel processes.", rich_help_panel="Builder")
 ]
 OptLevelOption = Annotated[
     Optional[int], typer.Option("--opt-level", help="Builder optimization level 0-5.", rich_help_panel="Builder")
@@ -66,27 +75,43 @@ def _parse_compute_capabilities(values):
 
 
 def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_args):
-    from vaebuild.builds import build_engines, check_before_export, export_for_build
-    from vaebuild.engine_build import BuildOptions
+    from vaebuild.backends import get_backend
+    from vaebuild.backends.base import BuildOptions
+    from vaebuild.builds import build_engines, check_before_export, export_for_build, model_for_build
     from vaebuild.specs import default_spec_path, load_spec
 
-    backend, opt_level, workspace_gib, timing_cache, compute_capability = builder_args
+    backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs = builder_args
+    precision, opset, fold, device = export_args
+    compiles_pytorch = backend == "inductor"
     options = BuildOptions(
         backend=backend,
         builder_optimization_level=opt_level,
         workspace_gib=workspace_gib,
         timing_cache=timing_cache,
         compute_capabilities=_parse_compute_capabilities(compute_capability),
+        device=("cpu" if device == "cpu" else "cuda") if compiles_pytorch else None,
+        embed_weights=embed_weights,
+        jobs=jobs,
     )
+    precision = precision or ("bf16" if compiles_pytorch else "fp16")
     loaded = load_spec(spec or default_spec_path(kind))
     if ratios:
         loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
-    if onnx is None:
-        check_before_export(kind, loaded, options)  # fail now, not after a long export
-        onnx = export_for_build(model_source(*source_args), export_options(*export_args), out, log=typer.echo)
-    elif any(source_args[:2]):
+    if onnx is not None and any(source_args[:2]):
         raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
-    manifest = build_engines(kind, loaded, onnx, out, options, log=typer.echo)
+    if get_backend(backend).builds_from == "pytorch":
+        if onnx is not None:
+            raise UserInputError(f"the {backend} backend compiles the PyTorch model; pass --model or --random-init, not --onnx")
+        check_before_export(kind, loaded, options)  # fail now, not after loading the model
+        source = model_for_build(model_source(*source_args), precision, log=typer.echo)
+    elif onnx is None:
+        check_before_export(kind, loaded, options)  # fail now, not after a long export
+        source = export_for_build(
+            model_source(*source_args), export_options(precision, opset, fold, device), out, log=typer.echo
+        )
+    else:
+        source = onnx
+    manifest = build_engines(kind, loaded, source, out, options, log=typer.echo)
     typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")
 
 
@@ -102,7 +127,7 @@ def _build_command(kind, summary):
         random_init: RandomInitOption = False,
         seed: SeedOption = 0,
         config: ConfigOption = None,
-        precision: PrecisionOption = "fp16",
+        precision: PrecisionOption = None,
         opset: OpsetOption = None,
         fold: Fold3dOption = True,
         device: DeviceOption = "auto",
@@ -111,11 +136,13 @@ def _build_command(kind, summary):
         workspace_gib: WorkspaceOption = None,
         timing_cache: TimingCacheOption = None,
         compute_capability: ComputeCapabilityOption = None,
+        embed_weights: EmbedWeightsOption = False,
+        jobs: JobsOption = 1,
     ):
         _run_build(
             kind, out, spec, ratios, onnx,
             (model, random_init, seed, config), (precision, opset, fold, device),
-            (backend, opt_level, workspace_gib, timing_cache, compute_capability),
+            (backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs),
         )
 
     command.__name__ = kind
@@ -123,7 +150,9 @@ def _build_command(kind, summary):
     return reports_errors(command)
 
 
-static = _build_command("static", "Build one static-shape engine pair per aspect ratio: OUT/<ratio>/vae_{encoder,decoder}.trt.")
+static = _build_command(
+    "static", "Build one static-shape engine pair per aspect ratio: OUT/<ratio>/vae_{encoder,decoder}.trt (.pt2 for inductor)."
+)
 multiprofile = _build_command(
     "multiprofile", "Build one encoder and one decoder engine holding every profile of the spec, in spec order."
 )

@@ -27,7 +27,7 @@ def export(
     random_init: RandomInitOption = False,
     seed: SeedOption = 0,
     config: ConfigOption = None,
-    precision: PrecisionOption = "fp16",
+    precision: PrecisionOption = None,
     opset: OpsetOption = None,
     fold: Fold3dOption = True,
     device: DeviceOption = "auto",

@@ -28,7 +28,9 @@ ConfigOption = Annotated[
     typer.Option("--config", help="config.json for a single-file checkpoint (default: Qwen-Image).", rich_help_panel="Model"),
 ]
 PrecisionOption = Annotated[
-    str, typer.Option("--precision", help="Tensor precision of the ONNX graphs: fp16, bf16 or fp32.", rich_help_panel="Export")
+    Optional[str],
+    typer.Option("--precision", help="Tensor precision: fp16, bf16 or fp32 (default: fp16; bf16 for --backend inductor).",
+                 rich_help_panel="Export"),
 ]
 OpsetOption = Annotated[
     Optional[int],
@@ -58,4 +60,4 @@ def export_options(precision, opset, fold, device):
     """The `ExportOptions` the export options describe."""
     from vaebuild.export import ExportOptions
 
-    return ExportOptions(precision=precision, opset=opset, fold=fold, device=device)
+    return ExportOptions(precision=precision or "fp16", opset=opset, fold=fold, device=device)

@@ -1,4 +1,4 @@
-"""Build a TensorRT or TensorRT-RTX engine from an ONNX file through Polygraphy.
+"""TensorRT and TensorRT-RTX engines, built from ONNX and run through Polygraphy.
 
 Networks are always strongly typed: precision comes from the ONNX tensor types (the FP16/BF16 builder
 flags are deprecated in TensorRT 10.12 and removed in 11). All optimization profiles go into one
@@ -8,74 +8,81 @@ TensorRT-RTX builds on hosts without a GPU; by default its engines target comput
 8.6, 8.9 and 12.x (7.5 must be asked for; 9.0, H100/H200, is not supported). Its runtime needs a CUDA
 driver even to deserialize an engine, so the profiles reported after a build are read back from the
 optimization profiles handed to the builder, never from the engine file.
+
+This module and `trt_import` are the only ones that touch TensorRT objects; the two flavours differ
+only in `_create_config`, `check_options` and `unavailable_reason`.
 """
 
-import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from vaebuild.backends.trt_import import PolygraphyTrt, check_backend_name, import_polygraphy_trt
-from vaebuild.errors import UserInputError, VaebuildError
+from vaebuild.backends.base import (
+    BuildOptions,
+    EngineInfo,
+    ProfileShapes,
+    Shape,
+    ShapeRange,
+    _is_int,
+    reject_options,
+)
+from vaebuild.backends.trt_import import PolygraphyTrt, import_polygraphy_trt
+from vaebuild.errors import BackendMissingError, UserInputError, VaebuildError
 from vaebuild.fileio import atomic_output, sha256_file
-
-Shape = tuple[int, ...]
-ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
-ProfileShapes = Mapping[str, ShapeRange]  # input name -> (min, opt, max)
 
 _GIB = 1 << 30
 
+# Compute capabilities the TensorRT-RTX 1.x runtime accepts (it refuses Hopper, 9.0).
+RTX_RUNTIME_COMPUTE_CAPABILITIES = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 
-@dataclass(frozen=True)
-class BuildOptions:
-    """Builder settings; everything left None keeps the backend's default.
 
-    timing_cache (full TensorRT only) is loaded if it exists and updated after the build; it is
-    rejected for tensorrt_rtx, whose timing cache is a no-op. compute_capabilities (TensorRT-RTX only)
-    are (major, minor) targets, e.g. ((8, 6), (12, 0)); None keeps TensorRT-RTX's default targets
-    (8.0, 8.6, 8.9, 12.x).
-    """
+class TensorRTBackend:
+    """Full TensorRT (`tensorrt`) or TensorRT for RTX (`tensorrt_rtx`), both through Polygraphy."""
 
-    backend: str
-    builder_optimization_level: int | None = None
-    workspace_gib: float | None = None
-    timing_cache: Path | None = None
-    compute_capabilities: tuple[tuple[int, int], ...] | None = None
+    builds_from = "onnx"
+    file_suffix = ".trt"
+    runner_name = "trt"
+    runs_on_caller_stream = False  # Polygraphy's TrtRunner works on its own stream
+    # An engine from another TensorRT version in a folder is a build problem (verify fails it).
+    version_mismatch_fails = True
 
-    def __post_init__(self):
-        check_backend_name(self.backend)
-        level = self.builder_optimization_level
-        if level is not None and (not _is_int(level) or not 0 <= level <= 5):
-            raise UserInputError(f"builder_optimization_level must be an integer from 0 to 5, got {level!r}")
-        gib = self.workspace_gib
-        if gib is not None and not (_is_real(gib) and math.isfinite(gib) and gib > 0):
-            raise UserInputError(f"workspace_gib must be a positive number, got {gib!r}")
-        if self.timing_cache is not None and self.backend != "tensorrt":
+    def __init__(self, name):
+        self.name = name
+
+    def check_options(self, options: BuildOptions) -> None:
+        """Reject options that do not apply to this TensorRT flavour."""
+        reject_options(options, ("builder_optimization_level", "workspace_gib", "timing_cache",
+                                 "compute_capabilities"), self.name)
+        if options.timing_cache is not None and self.name != "tensorrt":
             raise UserInputError(
                 "timing_cache works with the tensorrt backend only (TensorRT-RTX ignores timing caches)"
             )
-        targets = self.compute_capabilities
+        targets = options.compute_capabilities
         if targets is not None:
-            if self.backend != "tensorrt_rtx":
+            if self.name != "tensorrt_rtx":
                 raise UserInputError("compute_capabilities works with the tensorrt_rtx backend only")
             if not targets or not all(len(cc) == 2 and all(_is_int(n) and n >= 0 for n in cc) for cc in targets):
                 raise UserInputError(f"compute_capabilities must be (major, minor) integer pairs, got {targets!r}")
 
+    def version(self) -> str:
+        """The installed TensorRT version (engines only load in the version that built them)."""
+        return import_polygraphy_trt(self.name).trt.__version__
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """What was built: profiles are read back from the builder, one mapping per profile index."""
+    def build_target(self, options) -> dict:
+        """Engines are tied to the TensorRT version only (recorded as backend_version)."""
+        return {}
 
-    backend: str
-    backend_version: str
-    engine_path: Path
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    profiles: tuple[dict[str, ShapeRange], ...]
-    size_bytes: int
-    sha256: str
-    build_seconds: float
+    def build_engine(self, source, graph, engine_path, profiles, options) -> EngineInfo:
+        """Build the engine of `graph` from the source's ONNX file."""
+        return build_engine(source.onnx_path(graph), engine_path, profiles, options)
+
+    def unavailable_reason(self, entry, device) -> str | None:
+        """None if engines of this backend can run on `device` here, else a one-line reason."""
+        return runtime_unavailable_reason(self.name)
+
+    def load_runner(self, engine_path, entry, profile_index=0, weights=None, name=None, device=None):
+        """Polygraphy `TrtRunner` for the engine, using optimization profile `profile_index`."""
+        return load_trt_runner(engine_path, self.name, profile_index, name=name)
 
 
 def build_engine(
@@ -209,17 +216,39 @@ def _read_back_profile(builder, network, polygraphy_profile) -> dict[str, ShapeR
     }
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _optional_str(path) -> str | None:
     return None if path is None else str(path)
 
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def runtime_unavailable_reason(backend):
+    """None if engines of `backend` can run here, else a one-line reason (package, GPU, compute capability)."""
+    try:
+        import_polygraphy_trt(backend)
+    except (BackendMissingError, UserInputError) as err:
+        return str(err)
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    capability = torch.cuda.get_device_capability()
+    if backend == "tensorrt_rtx" and capability not in RTX_RUNTIME_COMPUTE_CAPABILITIES:
+        name = torch.cuda.get_device_name()
+        return (
+            f"the TensorRT-RTX runtime does not support compute capability {capability[0]}.{capability[1]} "
+            f"({name}); run these engines on an RTX-class GPU or build with --backend tensorrt"
+        )
+    return None
+
+
+def load_trt_runner(engine_path, backend, profile_index=0, name=None):
+    """Polygraphy `TrtRunner` for `engine_path` using optimization profile `profile_index` (not yet activated)."""
+    pg = import_polygraphy_trt(backend)
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise UserInputError(f"engine file not found: {engine_path}")
+    engine = pg.loaders.EngineFromBytes(pg.loaders.BytesFromPath(str(engine_path)))
+    return pg.loaders.TrtRunner(engine, name=name or engine_path.name, optimization_profile=profile_index)

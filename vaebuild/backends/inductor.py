@@ -1,0 +1,274 @@
+"""AOTInductor packages: the single-frame 2-D graphs compiled ahead of time into `.pt2` files.
+
+Build: `torch.export` of the graph module at the profile's opt shape (height and width symbolic
+within the profiles' min..max when they differ; the encoder's sides as multiples of 8), then
+`torch._inductor.aoti_compile_and_package`. By default packages are compiled weight-free
+(`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds one copy
+that every package of the folder shares at load time (`weights_file.FolderWeights`).
+
+Load: the direct loader (`AOTIModelPackageLoader`), not `torch._inductor.aoti_load_package`, whose
+first call in a process spends 34-60 s compiling and probing a test program for every CPU vector
+ISA only to print a warning (measured on an H100 host; the direct loader takes ~32 ms). That also
+skips torch's own device check, so `unavailable_reason` compares the manifest's torch version, CUDA
+version and compute capability with this process before anything is loaded.
+"""
+
+import ctypes
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from vaebuild.backends.base import BuildOptions, EngineInfo, reject_options
+from vaebuild.errors import UserInputError
+from vaebuild.fileio import atomic_output, sha256_file
+
+
+class InductorBackend:
+    """AOTInductor packages of the 2-D graphs, run in-process by torch."""
+
+    name = "inductor"
+    builds_from = "pytorch"
+    file_suffix = ".pt2"
+    runner_name = "inductor"
+    runs_on_caller_stream = True
+    # A package from another torch or GPU is judged by `unavailable_reason` ("not run"), not failed.
+    version_mismatch_fails = False
+
+    def check_options(self, options: BuildOptions) -> None:
+        """Only device, embed_weights and jobs apply to packages."""
+        reject_options(options, ("device", "embed_weights", "jobs"), self.name)
+
+    def version(self) -> str:
+        """The torch version: packages load only in the torch that compiled them."""
+        import torch
+
+        return torch.__version__
+
+    def build_target(self, options: BuildOptions) -> dict:
+        """What a package is compiled for (device, CUDA version, GPU); raises when this host cannot compile it."""
+        import torch
+
+        device = options.device or "cuda"
+        if device == "cpu":
+            return {"device": "cpu", "torch_version": torch.__version__}
+        if not torch.cuda.is_available():
+            raise UserInputError(
+                "inductor packages for CUDA must be compiled on a CUDA GPU and none is visible here; "
+                "build on the GPU that will run them, or pass --device cpu for CPU packages"
+            )
+        major, minor = torch.cuda.get_device_capability()
+        return {
+            "device": "cuda",
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "gpu_name": torch.cuda.get_device_name(),
+            "compute_capability": f"{major}.{minor}",
+        }
+
+    def build_engine(self, source, graph, engine_path, profiles, options) -> EngineInfo:
+        """Compile the package of `graph` (in a worker process when the build runs several jobs)."""
+        return compile_package(source.compile_request(graph, engine_path, profiles, options))
+
+    def unavailable_reason(self, entry, device) -> str | None:
+        """None if the package of `entry` can run on `device` in this process, else why not (one line)."""
+        import torch
+
+        device = torch.device(device)
+        rel = entry["path"]
+        if entry.get("torch_version") != torch.__version__:
+            return (f"{rel} was compiled by torch {entry.get('torch_version')} and this is torch {torch.__version__}; "
+                    "rebuild it with this torch")
+        if entry.get("device") == "cpu":
+            if device.type != "cpu":
+                return f"{rel} is a CPU package and the runtime device is {device}; use device='cpu' or build with --device cuda"
+            return None
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return f"{rel} is a CUDA package and there is no CUDA device here (runtime device {device})"
+        major, minor = torch.cuda.get_device_capability(device)
+        if entry.get("compute_capability") != f"{major}.{minor}":
+            return (f"{rel} was compiled for compute capability {entry.get('compute_capability')} "
+                    f"({entry.get('gpu_name')}) and this GPU is {major}.{minor} ({torch.cuda.get_device_name(device)}); "
+                    "rebuild it on this GPU")
+        if entry.get("cuda_version") != torch.version.cuda:
+            return (f"{rel} was compiled with CUDA {entry.get('cuda_version')} and this torch uses CUDA "
+                    f"{torch.version.cuda}; rebuild it")
+        return None
+
+    def load_runner(self, engine_path, entry, profile_index=0, weights=None, name=None, device=None):
+        """A Polygraphy runner for the package (any shape within its profiles; `weights`: FolderWeights)."""
+        return make_runner(engine_path, entry, weights, device, name)
+
+
+# ---------------------------------------------------------------------------------------- building
+
+
+def compile_package(request) -> EngineInfo:
+    """Export and compile one graph into an AOTInductor package; `request` comes from `BuildSource.compile_request`.
+
+    Runs in a fresh worker process when a build uses several jobs, so it rebuilds the graph module
+    from the architecture and the folder's weights file.
+    """
+    import torch
+
+    from vaebuild.graphs import build_graph_modules_from_weights
+
+    start = time.perf_counter()
+    device = torch.device(request["device"])
+    module = build_graph_modules_from_weights(
+        request["vae_config"], request["weights_path"], request["precision"], device
+    )[request["graph"]]
+    dtype = next(module.parameters()).dtype
+    example, dynamic_shapes = export_shapes(request["input_name"], request["profiles"], request["spatial_multiple"])
+    with torch.no_grad():
+        exported = torch.export.export(
+            module, (torch.randn(example, device=device, dtype=dtype),), dynamic_shapes=dynamic_shapes, strict=False
+        )
+        engine_path = Path(request["engine_path"])
+        with atomic_output(engine_path, suffix=".pt2") as tmp:
+            torch._inductor.aoti_compile_and_package(
+                exported,
+                package_path=str(tmp),
+                inductor_configs={"aot_inductor.package_constants_in_so": request["embed_weights"]},
+            )
+    profiles = tuple({request["input_name"]: tuple(tuple(s) for s in p[request["input_name"]])}
+                     for p in request["profiles"])
+    return EngineInfo(
+        backend="inductor",
+        backend_version=torch.__version__,
+        engine_path=engine_path,
+        input_names=(request["input_name"],),
+        output_names=(request["output_name"],),
+        profiles=profiles,
+        size_bytes=engine_path.stat().st_size,
+        sha256=sha256_file(engine_path),
+        build_seconds=time.perf_counter() - start,
+        manifest_fields={**request["target"], "weights": "embedded" if request["embed_weights"] else "folder"},
+    )
+
+
+def export_shapes(input_name, profiles, spatial_multiple):
+    """(example input shape, torch.export dynamic_shapes) covering every profile's min..max.
+
+    Axes whose range is one value stay static. Height and width are `spatial_multiple * Dim` (the
+    encoder takes multiples of 8). The example is the first profile's opt shape, moved off the sizes
+    0 and 1 on dynamic axes (torch.export would specialize on them).
+    """
+    from torch.export import Dim
+
+    ranges = [p[input_name] for p in profiles]
+    low = [min(r[0][axis] for r in ranges) for axis in range(5)]
+    high = [max(r[2][axis] for r in ranges) for axis in range(5)]
+    example = list(ranges[0][1])
+    axes = {}
+    for axis, label in ((0, "batch"), (3, "height"), (4, "width")):
+        if low[axis] == high[axis]:
+            continue
+        multiple = spatial_multiple if axis in (3, 4) else 1
+        if low[axis] % multiple or high[axis] % multiple:
+            raise UserInputError(f"{input_name} {label} range {low[axis]}..{high[axis]} must be multiples of {multiple}")
+        dim = Dim(f"{label}_{multiple}", min=low[axis] // multiple, max=high[axis] // multiple)
+        axes[axis] = dim * multiple if multiple > 1 else dim
+        example[axis] = max(example[axis], 2 * multiple)
+    return tuple(example), (axes or None,)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def promote_libstdcxx():
+    """Put the libstdc++ torch already loaded into the global symbol scope (once, before loading packages).
+
+    Why: a `wrapper.so` linked by a g++ that embeds libstdc++ (seen on the lent H100 image, whose
+    inductor compiler is /opt/gcc/bin/g++) carries its own copy of the C++ runtime. Python loads torch's
+    extension RTLD_LOCAL, so the package's std::regex (in `parse_device_str`) then binds the embedded
+    copy's locale state while libtorch uses the shared one, and the first load segfaults. Promoting the
+    already-loaded library makes every package bind the one copy. RTLD_NOLOAD: never loads a new one.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    except OSError:  # torch linked the C++ runtime statically: nothing to promote
+        pass
+
+
+def load_package(path, device):
+    """The AOTInductor package at `path` through the direct loader (no ISA probe, no device check)."""
+    import torch
+    from torch._inductor.package.package import AOTICompiledModel
+
+    promote_libstdcxx()
+    device = torch.device(device)
+    index = -1
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+    return AOTICompiledModel(loader)
+
+
+def attach_weights(model, tensors, where):
+    """Point a weight-free package's constants at `tensors` (no copy); one-line error for a missing name."""
+    names = model.get_constant_fqns()
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise UserInputError(
+            f"the weights for {where} have no tensor {missing[0]!r} ({len(missing)} of {len(names)} missing); "
+            "rebuild the folder or pass weights of this architecture"
+        )
+    model.load_constants({name: tensors[name] for name in names}, check_full_update=True, user_managed=True)
+
+
+def make_runner(engine_path, entry, weights, device, name=None):
+    """A Polygraphy runner (activate / infer / set_profile / deactivate) for one package."""
+    import torch
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    from vaebuild.precision import get_precision
+
+    engine_path = Path(engine_path)
+    device = torch.device(device or entry.get("device", "cpu"))
+    dtype = get_precision(entry["precision"]).dtype
+    input_name, output_name = entry["input"], entry["output"]
+    ranges = [p["input"] for p in entry["profiles"]]
+    # -1 marks an axis that varies within the profiles (Polygraphy accepts any size there).
+    shape = [ranges[0]["min"][a] if all(r["min"][a] == r["max"][a] == ranges[0]["min"][a] for r in ranges) else -1
+             for a in range(len(ranges[0]["min"]))]
+
+    class AotiRunner(BaseRunner):
+        """Runs one AOTInductor package on torch tensors (outputs stay on the device unless asked)."""
+
+        def __init__(self):
+            super().__init__(name=name or engine_path.name, prefix="aoti-runner")
+            self.model = None
+
+        def activate_impl(self):
+            if not engine_path.is_file():
+                raise UserInputError(f"package file not found: {engine_path}")
+            model = load_package(engine_path, device)
+            if entry.get("weights") == "folder":
+                if weights is None:
+                    raise UserInputError(f"{engine_path} is weight-free and no weights file was given")
+                attach_weights(model, weights.tensors(device), engine_path)
+            self.model = model
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add(input_name, DataType.from_dtype(dtype), shape)
+
+        def set_profile(self, index):
+            """Every profile of a package is served by the same code: nothing to switch."""
+
+        def infer_impl(self, feed_dict, copy_outputs_to_host=True):
+            x = torch.as_tensor(feed_dict[input_name]).to(device=device, dtype=dtype)
+            start = time.perf_counter()
+            out = self.model(x)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict([(output_name, out.cpu() if copy_outputs_to_host else out)])
+
+        def deactivate_impl(self):
+            self.model = None
+
+    return AotiRunner()
