@@ -5,8 +5,8 @@
 It offers what the Qwen-Image pipelines use of `AutoencoderKLQwenImage`: `config` (z_dim, latents_mean,
 latents_std, ...), `temperal_downsample`, `dtype`, `device`, `encode(images)` (an output whose
 `latent_dist` is diffusers' `DiagonalGaussianDistribution` of the encoder engine's 2z-channel moments)
-and `decode(latents)` (images clamped to [-1, 1], `.sample` or a tuple). Calls go through the runtime of
-`vaebuild.runtime`: the engine or profile that contains the shape, else the exact single-frame PyTorch
+and `decode(latents)` (images clamped to [-1, 1], `.sample` or a tuple). Calls go through
+`vaebuild.runtime.VaeRuntime`: the engine or profile that contains the shape, else the exact single-frame PyTorch
 model built from `fallback` (never a resize). Which path served each graph at each image size is logged
 once, in one line on the `vaebuild.diffusers` logger (again only if that path changes).
 
@@ -34,7 +34,7 @@ class EngineVae(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     def __init__(self, runtime):
-        """runtime: a `vaebuild.runtime` engine runtime (what `from_folder` builds)."""
+        """runtime: a `vaebuild.runtime.VaeRuntime` (what `from_folder` builds)."""
         super().__init__()
         self.runtime = runtime
         self.register_to_config(**runtime.manifest["vae_config"])
@@ -51,20 +51,18 @@ class EngineVae(ModelMixin, ConfigMixin):
         fallback: the pipeline's AutoencoderKLQwenImage, used (folded to 2-D) for sizes no engine covers;
             default: the model source recorded in the folder's manifest, loaded on first need.
         device, dtype: where and in which dtype the fallback runs (default: the fallback's own).
-        runtime_kwargs: passed on to the runtime (e.g. `allow_fallback=False`).
+        runtime_kwargs: passed on to `VaeRuntime` (e.g. `allow_fallback=False`, `resident="lazy"`).
         """
         from vaebuild.manifest import read_build_manifest
-        from vaebuild.runtime import TrtVae
+        from vaebuild.runtime import VaeRuntime
 
         manifest = read_build_manifest(folder)
         if fallback is not None:
             _check_fallback_config(fallback, manifest, folder)
             device = device or fallback.device
             dtype = dtype or fallback.dtype
-        runtime = TrtVae(
-            folder, manifest["kind"] == "multiprofile", fallback, device=device, dtype=dtype, **runtime_kwargs
-        )
-        return cls(runtime)
+        multi_profile = manifest["kind"] == "multiprofile"
+        return cls(VaeRuntime(folder, multi_profile, fallback, device=device, dtype=dtype, **runtime_kwargs))
 
     # ------------------------------------------------------------------ what pipelines use
 
