@@ -144,18 +144,19 @@ def test_batch_is_split_for_batch_one_engines(pipes, engine_dir):
     assert calls == [1, 1] and engine_vae.runtime.last_route["decoder"].kind == "engine"
 
 
-def test_tiling_save_pretrained_and_device_moves_are_refused(pipes, engine_dir, tmp_path):
+def test_tiling_saving_and_device_moves_are_refused(pipes, engine_dir, tmp_path):
     t2i, _ = pipes
     engine_vae = EngineVae.from_folder(engine_dir, fallback=t2i.vae)
     with pytest.raises(UserInputError, match="does not tile"):
         engine_vae.enable_tiling()
 
-    def save(pipe):
+    def move_and_save(pipe):
+        assert pipe.to("cpu").vae is engine_vae  # its own device: accepted
         with pytest.raises(UserInputError, match="EngineVae cannot be saved") as caught:
             pipe.save_pretrained(tmp_path / "saved")
-        assert "\n" not in str(caught.value)
+        assert "\n" not in str(caught.value) and not (tmp_path / "saved").exists()
 
-    with_vae(t2i, engine_vae, save)
+    with_vae(t2i, engine_vae, move_and_save)
     with pytest.raises(UserInputError, match="cannot move to meta"):
         engine_vae.to("meta")
     assert engine_vae.to("cpu", torch.bfloat16) is engine_vae and engine_vae.dtype == torch.bfloat16
