@@ -212,7 +212,8 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print)
         done[rel_path] = _engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record)
         write()
 
-    write()
+    if done:
+        write()
 
     if options.jobs > 1 and len(todo) > 1:
         _build_in_workers(backend, source, out_dir, todo, options, log, finished)

@@ -244,7 +244,8 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
     log(f"loading the PyTorch reference ({source.describe()['kind']}) ...")
     vae, weights_hash = _load_reference(source, manifest["weights_sha256"])
     reference = _ReferenceCache(vae, device)
-    onnx_files = _onnx_files(Path(options.onnx_dir or manifest["onnx_dir"]), manifest)
+    onnx_dir = options.onnx_dir or manifest["onnx_dir"]
+    onnx_files = _onnx_files(Path(onnx_dir), manifest) if onnx_dir else {}  # inductor builds have no ONNX
 
     report = VerifyReport(
         folder=folder,
@@ -362,7 +363,7 @@ def _onnx_files(onnx_dir, manifest):
     if record_path.is_file():
         names.update({g: r["file"] for g, r in json.loads(record_path.read_text()).get("graphs", {}).items()})
     files = {}
-    for graph in sorted({e["graph"] for e in manifest["engines"]}):
+    for graph in sorted({e["graph"] for e in manifest["engines"] if "onnx_sha256" in e}):
         path = onnx_dir / names[graph]
         if path.is_file():
             files[graph] = _OnnxFile(path, sha256_file(path), None)
@@ -384,7 +385,7 @@ def _distinct_shapes(profile):
 def _plan_rows(folder, entry, precision, engine_problem, onnx_files, unavailable, max_side, options):
     """(Row, context) for every shape and runner of one engine; Row.status None means "to run"."""
     plans = []
-    onnx = onnx_files[entry["graph"]]
+    onnx = onnx_files.get(entry["graph"])
     for index, profile in enumerate(entry["profiles"]):
         for levels, shape, image in _distinct_shapes(profile):
             base = dict(engine=entry["path"], graph=entry["graph"], profile=profile.get("name", str(index)),

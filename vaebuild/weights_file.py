@@ -79,7 +79,10 @@ class FolderWeights:
         """{name: tensor} on `device`; raises UserInputError (one line) for a tampered or mismatched file."""
         import torch
 
-        key = str(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = str(device)
         if key not in self._on_device:
             source = self.override or self.path
             tensors = self._read_checked(source)

@@ -195,29 +195,32 @@ def promote_libstdcxx():
 
 
 def load_package(path, device):
-    """The AOTInductor package at `path` through the direct loader (no ISA probe, no device check)."""
+    """The loader of the AOTInductor package at `path` (no ISA probe, no device check, no torch._inductor).
+
+    torch's `AOTICompiledModel` wrapper is not used: importing `torch._inductor` for it costs 2-4 s in
+    a fresh process, and these packages take one tensor and return one (`loader.run([x])[0]`).
+    """
     import torch
-    from torch._inductor.package.package import AOTICompiledModel
 
     promote_libstdcxx()
     device = torch.device(device)
     index = -1
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
-    return AOTICompiledModel(loader)
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
 
 
-def attach_weights(model, tensors, where):
+def attach_weights(loader, tensors, where):
     """Point a weight-free package's constants at `tensors` (no copy); one-line error for a missing name."""
-    names = model.get_constant_fqns()
+    names = loader.get_constant_fqns()
     missing = [name for name in names if name not in tensors]
     if missing:
         raise UserInputError(
             f"the weights for {where} have no tensor {missing[0]!r} ({len(missing)} of {len(names)} missing); "
             "rebuild the folder or pass weights of this architecture"
         )
-    model.load_constants({name: tensors[name] for name in names}, check_full_update=True, user_managed=True)
+    # (constants, use_inactive, check_full_update, user_managed): the package keeps pointers to our tensors.
+    loader.load_constants({name: tensors[name] for name in names}, False, True, True)
 
 
 def make_runner(engine_path, entry, weights, device, name=None):
@@ -243,17 +246,17 @@ def make_runner(engine_path, entry, weights, device, name=None):
 
         def __init__(self):
             super().__init__(name=name or engine_path.name, prefix="aoti-runner")
-            self.model = None
+            self.loader = None
 
         def activate_impl(self):
             if not engine_path.is_file():
                 raise UserInputError(f"package file not found: {engine_path}")
-            model = load_package(engine_path, device)
+            loader = load_package(engine_path, device)
             if entry.get("weights") == "folder":
                 if weights is None:
                     raise UserInputError(f"{engine_path} is weight-free and no weights file was given")
-                attach_weights(model, weights.tensors(device), engine_path)
-            self.model = model
+                attach_weights(loader, weights.tensors(device), engine_path)
+            self.loader = loader
 
         def get_input_metadata_impl(self):
             return TensorMetadata().add(input_name, DataType.from_dtype(dtype), shape)
@@ -264,11 +267,11 @@ def make_runner(engine_path, entry, weights, device, name=None):
         def infer_impl(self, feed_dict, copy_outputs_to_host=True):
             x = torch.as_tensor(feed_dict[input_name]).to(device=device, dtype=dtype)
             start = time.perf_counter()
-            out = self.model(x)
+            out = self.loader.run([x])[0]
             self.inference_time = time.perf_counter() - start
             return OrderedDict([(output_name, out.cpu() if copy_outputs_to_host else out)])
 
         def deactivate_impl(self):
-            self.model = None
+            self.loader = None
 
     return AotiRunner()

@@ -69,7 +69,9 @@ class TensorRTBackend:
         return import_polygraphy_trt(self.name).trt.__version__
 
     def build_target(self, options) -> dict:
-        """Engines are tied to the TensorRT version only (recorded as backend_version)."""
+        """Engines are tied to the TensorRT version only (recorded as backend_version); checks RTX targets."""
+        if options.compute_capabilities is not None:
+            _check_compute_capabilities(import_polygraphy_trt(self.name), options.compute_capabilities)
         return {}
 
     def build_engine(self, source, graph, engine_path, profiles, options) -> EngineInfo:
