@@ -9,6 +9,9 @@ the pipeline passed to `vae.decode` are recorded, then `vae.decode(latents, retu
 is timed with CUDA events (median, p90 and min of --runs after --warmup). EngineVae runs with
 `allow_fallback=False`, so a size its engines do not cover fails instead of timing PyTorch.
 Writes OUTDIR/diffusers_pipeline_bench.json and .md and prints the table.
+
+DIR must hold packages of the same random VAE covering the size, e.g.
+`vaebuild static --random-init --seed 0 --backend inductor --device cuda --ratios 1_1 --out DIR`.
 """
 
 import argparse

@@ -161,7 +161,8 @@ def _max_batch(manifest, graph):
 
 
 def _same_device(requested, actual):
-    return requested.type == actual.type and requested.index in (None, actual.index)
+    """Same device type, and the same index where both name one ("cuda" matches "cuda:0")."""
+    return requested.type == actual.type and None in (requested.index, actual.index) or requested == actual
 
 
 def _check_fallback_config(fallback, manifest, folder):
