@@ -9,6 +9,7 @@ passed directly (no tokenizer, no text encoder).
 
 import logging
 
+import diffusers
 import pytest
 import torch
 from conftest import make_tiny_vae
@@ -20,7 +21,6 @@ from vaebuild.runtime import EngineVae
 from vaebuild.specs import load_spec
 from vaebuild.verify import DEFAULT_TOLERANCES
 
-diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers", reason="diffusers' Qwen-Image pipelines need transformers")
 
 Z_DIM = 4
