@@ -552,3 +552,6 @@ def _is_out_of_memory(err):
 
 def _image_size(shape, scale):
     return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
+
+
+from vaebuild.diffusers_vae import EngineVae  # noqa: E402
