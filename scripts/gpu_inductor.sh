@@ -9,8 +9,11 @@
 #   1. builds, concurrently: WORK/static (weight-free packages + weights.safetensors), WORK/embedded
 #      (the same with --embed-weights: the twins), WORK/multi (one dynamic package per graph for the
 #      nine I2I profiles);
-#   2. `vaebuild verify` of each folder against fp32 diffusers (reports OUT/verify_<folder>.json);
-#   3. one `vaebuild bench` run with the three folders (OUT/inductor_bench.{json,md}).
+#   2. `vaebuild verify` of WORK/static against fp32 diffusers (OUT/verify_static.json), the fine-tune
+#      weights check (benchmarks/weights_swap_check.py) and diffusers' QwenImagePipeline decode step with
+#      the stock VAE and EngineVae (OUT/diffusers_pipeline_bench.{json,md});
+#   3. one `vaebuild bench` run with the three folders (OUT/inductor_bench.{json,md});
+#   4. `vaebuild verify` of the other folders (env VERIFY_MORE, default "multi").
 # Each stage appends to OUT/gpu_inductor.log; a failed stage is logged and the next ones still run.
 set -uo pipefail
 work=${1:?usage: scripts/gpu_inductor.sh WORK_DIR OUT_DIR [model options]}
@@ -43,13 +46,19 @@ wait
 stage "builds done in $((SECONDS - start)) s"
 cat "$work"/build_*.log >>"$log"
 
-for folder in static embedded multi; do
-  stage "verify $folder"
-  vaebuild verify "$work/$folder" --report "$out/verify_$folder.json" 2>&1 | tail -n 40 | tee -a "$log"
-done
+stage "verify static"
+vaebuild verify "$work/static" --report "$out/verify_static.json" 2>&1 | tail -n 40 | tee -a "$log"
+stage "fine-tune weights check"
+python3 "$repo/benchmarks/weights_swap_check.py" "$work/static" 2>&1 | tail -n 3 | tee -a "$log"
+stage "diffusers pipeline decode step"
+python3 "$repo/scripts/diffusers_pipeline_bench.py" --engines "$work/static" --out "$out" 2>&1 | tail -n 20 | tee -a "$log"
 
 stage "bench"
 vaebuild bench "${model[@]}" ${SIZES:+--sizes "$SIZES"} --engines "$work/static" --engines "$work/embedded" \
   --engines "$work/multi" --json "$out/inductor_bench.json" --markdown "$out/inductor_bench.md" 2>&1 \
   | tee -a "$log" | tail -n 60
+for folder in ${VERIFY_MORE-multi}; do
+  stage "verify $folder"
+  vaebuild verify "$work/$folder" --report "$out/verify_$folder.json" 2>&1 | tail -n 40 | tee -a "$log"
+done
 stage "done"

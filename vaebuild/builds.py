@@ -113,8 +113,15 @@ class BuildSource:
             "output_name": graph_record["output"]["name"],
             "spatial_multiple": graph_record["spatial_multiple"],
             "embed_weights": options.embed_weights,
+            "fast_attention": uses_fast_attention(profiles),
             "target": get_backend(options.backend).build_target(options),
         }
+
+
+def uses_fast_attention(profiles):
+    """Whether a compiled (pytorch-built) engine for these profiles runs `vaebuild::attention_d384`: static
+    shapes only, since the attention kernel picks its launch from the token count."""
+    return all(tuple(r[0]) == tuple(r[2]) for p in profiles for r in p.values())
 
 
 def planned_engines(spec, kind, suffix=".trt"):
@@ -199,6 +206,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
             backend=options.backend,
             backend_version=backend_version,
             target=target,
+            fast_attention=backend.builds_from == "pytorch" and uses_fast_attention(requested),
         )
         prefix = f"[{index}/{len(plan)}] {rel_path}"
         old = previous_entries.get(rel_path)

@@ -80,7 +80,7 @@ def build_graphs(vae, fold=True, fast_attention=False):
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()
 
 
-def build_graph_modules_from_weights(vae_config, weights_path, precision, device):
+def build_graph_modules_from_weights(vae_config, weights_path, precision, device, fast_attention=False):
     """{"encoder", "decoder"}: the 2-D graphs of the architecture `vae_config` holding a weights file's tensors."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -89,7 +89,7 @@ def build_graph_modules_from_weights(vae_config, weights_path, precision, device
 
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage.from_config(vae_config).eval()
-    encoder, decoder = build_graphs(vae)
+    encoder, decoder = build_graphs(vae, fast_attention=fast_attention)
     dtype = get_precision(precision).dtype
     modules = {"encoder": encoder.to_empty(device="cpu"), "decoder": decoder.to_empty(device="cpu")}
     load_into(modules.values(), weights_path)

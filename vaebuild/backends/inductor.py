@@ -2,7 +2,9 @@
 
 Build: `torch.export` of the graph module at the profile's opt shape (height and width symbolic
 within the profiles' min..max when they differ; the encoder's sides as multiples of 8), then
-`torch._inductor.aoti_compile_and_package`. By default packages are compiled weight-free
+`torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
+`vaebuild::attention_d384` (the Triton kernel of `vaebuild.attention` on Hopper, SDPA elsewhere; its
+key split is chosen from the token count, so dynamic-shape packages keep SDPA). By default packages are compiled weight-free
 (`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds one copy
 that every package of the folder shares at load time (`weights_file.FolderWeights`).
 
@@ -117,7 +119,7 @@ def compile_package(request) -> EngineInfo:
     start = time.perf_counter()
     device = torch.device(request["device"])
     module = build_graph_modules_from_weights(
-        request["vae_config"], request["weights_path"], request["precision"], device
+        request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"]
     )[request["graph"]]
     dtype = next(module.parameters()).dtype
     example, dynamic_shapes = export_shapes(request["input_name"], request["profiles"], request["spatial_multiple"])
