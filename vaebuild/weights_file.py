@@ -18,6 +18,7 @@ from vaebuild.errors import UserInputError
 from vaebuild.fileio import atomic_output
 
 WEIGHTS_NAME = "weights.safetensors"
+ALIGN_BYTES = 256
 CHUNK_BYTES = 8 << 20  # the file is also hashed in chunks of this size, so a load can check them in parallel
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -64,10 +65,11 @@ def chunk_hashes(data, chunk_bytes, pool=None):
 
 
 def read_to_device(path, device, check=None):
-    """{name: tensor} of a safetensors file, moved to `device` in one copy (tensors are views of it).
+    """{name: tensor} of a safetensors file on `device`, all in one allocation, each tensor 256-byte aligned.
 
-    `check(data, pool)`, if given, runs on the file's bytes in a thread pool while they are copied,
-    and raises to refuse the file.
+    Compiled kernels assume aligned constants (views at the file's packed offsets gave CUDA
+    "misaligned address" errors), so each tensor gets its own aligned slot. `check(data, pool)`, if
+    given, runs on the file's bytes in a thread pool while they are copied, and raises to refuse the file.
     """
     import torch
 
@@ -78,30 +80,24 @@ def read_to_device(path, device, check=None):
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
     header.pop("__metadata__", None)
+    host = torch.frombuffer(data, dtype=torch.uint8)[8 + header_size:]
+    slots, cursor = {}, 0
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        slots[name] = (cursor, start, end)
+        cursor += -(-(end - start) // ALIGN_BYTES) * ALIGN_BYTES
     with ThreadPoolExecutor() as pool:
         checked = pool.submit(check, memoryview(data), pool) if check else None
-        flat = torch.frombuffer(data, dtype=torch.uint8)[8 + header_size:].to(device)
+        flat = torch.empty(cursor, dtype=torch.uint8, device=device)
+        for slot, start, end in slots.values():
+            flat[slot:slot + end - start].copy_(host[start:end])
         if checked:
             checked.result()
     tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = getattr(torch, _DTYPES[info["dtype"]])
-        tensors[name] = flat[start:end].view(dtype).view(info["shape"])
+    for name, (slot, start, end) in slots.items():
+        dtype = getattr(torch, _DTYPES[header[name]["dtype"]])
+        tensors[name] = flat[slot:slot + end - start].view(dtype).view(header[name]["shape"])
     return tensors
-
-
-def load_into(modules, path):
-    """Load the weights file at `path` into `modules` (strict: every tensor of each module must be there)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    for module in modules:
-        own = dict(module.state_dict())
-        missing = [name for name in own if name not in tensors]
-        if missing:
-            raise UserInputError(f"{path} has no tensor {missing[0]!r} ({len(missing)} missing); rebuild the folder")
-        module.load_state_dict({name: tensors[name] for name in own})
 
 
 class FolderWeights:
