@@ -16,7 +16,7 @@ from vaebuild.backends.trt_import import import_polygraphy_trt
 from vaebuild.engine_build import BuildOptions, build_engine
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
-from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, write_manifest
+from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, update_manifest
 
 GRAPHS = ("encoder", "decoder")
 
@@ -67,11 +67,9 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
     plan = planned_engines(spec, kind)
     # Engines only load in the builder's own version: an upgraded backend must rebuild them.
     backend_version = import_polygraphy_trt(options.backend).trt.__version__
-    planned_paths = {rel_path for rel_path, _, _ in plan}
     previous_entries = {e["path"]: e for e in previous["engines"]}
     options_dict = _options_dict(options)
-    kept = [e for e in previous["engines"] if e["path"] not in planned_paths and (out_dir / e["path"]).is_file()]
-    manifest = {
+    header = {
         "manifest_version": MANIFEST_VERSION,
         "vaebuild_version": vaebuild.__version__,
         "kind": kind,
@@ -83,7 +81,6 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         "precision": record["precision"],
         "single_frame_fold": record["single_frame_fold"],
         "build_options": options_dict,
-        "engines": kept,
     }
     for index, (rel_path, graph, profiles) in enumerate(plan, start=1):
         graph_record = record["graphs"][graph]
@@ -99,13 +96,13 @@ def build_engines(kind, spec, onnx_dir, out_dir, options: BuildOptions, log=prin
         old = previous_entries.get(rel_path)
         if engine_is_current(out_dir, old, key):
             log(f"{prefix}: up to date, skipped")
-            manifest["engines"].append(old)
+            entry = old
         else:
             log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
             info = build_engine(onnx_dir / graph_record["file"], out_dir / rel_path, requested, options)
             log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
-            manifest["engines"].append(_engine_entry(rel_path, graph, profiles, graph_record, info, key, record))
-        write_manifest(out_dir, manifest)
+            entry = _engine_entry(rel_path, graph, profiles, graph_record, info, key, record)
+        manifest = update_manifest(out_dir, header, entry)
     return manifest
 
 
