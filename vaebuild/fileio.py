@@ -1,12 +1,33 @@
-"""Atomic file output and hashing: nothing half-written is ever left under a final name."""
+"""Atomic file output and hashing: nothing half-written is ever left under a final name.
+
+Files written here get the mode of any ordinary new file (0666 less the process umask), not the
+0600 of the temporary file they start as.
+"""
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from vaebuild.errors import UserInputError
+
+
+@functools.cache
+def process_umask() -> int:
+    """The process umask, read once (from /proc where it can be: setting it to read it races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -15,11 +36,15 @@ def atomic_output(final_path, suffix=".partial"):
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=suffix, dir=final_path.parent)
+    os.fchmod(fd, 0o666 & ~process_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.replace(tmp, final_path)
+    except OSError as err:
+        _name_final_path(err, tmp, final_path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -36,8 +61,32 @@ def atomic_directory(final_dir):
         final_dir.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             os.replace(item, final_dir / item.name)
+    except OSError as err:
+        _name_final_path(err, tmp, final_dir)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _name_final_path(err: OSError, tmp: Path, final: Path):
+    """Make an error raised while writing under `tmp` name the matching path under `final`, the one the user asked for."""
+    written = Path(err.filename) if isinstance(err.filename, (str, os.PathLike)) else tmp
+    if written == tmp or tmp in written.parents:
+        err.filename, err.filename2 = str(final / written.relative_to(tmp)), None
+
+
+def file_in_the_way(path):
+    """The file (`path` itself or a parent) that keeps `path` from being a folder, or None."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if os.path.exists(p)), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def check_output_folder(path):
+    """Raise a one-line `UserInputError` when `--out path` cannot be a folder because a file is in the way."""
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise UserInputError(f"--out {path}: {blocker} is a file, not a folder; pass a folder path")
 
 
 def write_json(path, data):

@@ -20,7 +20,8 @@ app = typer.Typer(
 def root():
     """Build fast, verified inference engines for the Qwen-Image VAE.
 
-    Exit codes: 0 ok, 2 user error, 3 backend not installed, 4 mismatch against PyTorch.
+    Exit codes: 0 ok, 2 user error, 3 backend not installed, 4 mismatch against PyTorch, 5 file-system
+    error, 130 interrupted. VAEBUILD_DEBUG=1 shows tracebacks.
     """
 
 

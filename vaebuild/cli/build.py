@@ -7,6 +7,7 @@ import typer
 
 from vaebuild.cli.errors import reports_errors
 from vaebuild.cli.options import (
+    AllowPickleOption,
     ConfigOption,
     DeviceOption,
     Fold3dOption,
@@ -68,6 +69,7 @@ def _parse_compute_capabilities(values):
 def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_args):
     from vaebuild.builds import build_engines, check_before_export, export_for_build
     from vaebuild.engine_build import BuildOptions
+    from vaebuild.fileio import check_output_folder
     from vaebuild.specs import default_spec_path, load_spec
 
     backend, opt_level, workspace_gib, timing_cache, compute_capability = builder_args
@@ -81,6 +83,7 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
     loaded = load_spec(spec or default_spec_path(kind))
     if ratios:
         loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
+    check_output_folder(out)
     if onnx is None:
         check_before_export(kind, loaded, options)  # fail now, not after a long export
         onnx = export_for_build(model_source(*source_args), export_options(*export_args), out, log=typer.echo)
@@ -102,6 +105,7 @@ def _build_command(kind, summary):
         random_init: RandomInitOption = False,
         seed: SeedOption = 0,
         config: ConfigOption = None,
+        allow_pickle: AllowPickleOption = False,
         precision: PrecisionOption = "fp16",
         opset: OpsetOption = None,
         fold: Fold3dOption = True,
@@ -114,7 +118,7 @@ def _build_command(kind, summary):
     ):
         _run_build(
             kind, out, spec, ratios, onnx,
-            (model, random_init, seed, config), (precision, opset, fold, device),
+            (model, random_init, seed, config, allow_pickle), (precision, opset, fold, device),
             (backend, opt_level, workspace_gib, timing_cache, compute_capability),
         )
 
