@@ -36,10 +36,10 @@ def atomic_output(final_path, suffix=".partial"):
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=suffix, dir=final_path.parent)
-    os.fchmod(fd, 0o666 & ~process_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
+        tmp.chmod(0o666 & ~process_umask())  # mkstemp's 0600 would survive the rename
         yield tmp
         os.replace(tmp, final_path)
     except OSError as err:
@@ -52,7 +52,10 @@ def atomic_output(final_path, suffix=".partial"):
 
 @contextlib.contextmanager
 def atomic_directory(final_dir):
-    """Yield a temporary directory beside `final_dir`; swap it into place only if the block succeeds."""
+    """Yield a temporary directory beside `final_dir`; move its contents into place only if the block succeeds.
+
+    The temporary directory (mkdtemp's 0700) is never moved itself: `final_dir` is created with the umask.
+    """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".partial", dir=final_dir.parent))
@@ -89,10 +92,15 @@ def check_output_folder(path):
         raise UserInputError(f"--out {path}: {blocker} is a file, not a folder; pass a folder path")
 
 
+def write_text(path, text):
+    """Write `text` to `path` atomically (its folder is created)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path, data):
     """Write `data` as indented JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def sha256_file(path, chunk_size=1 << 20):
