@@ -188,14 +188,15 @@ def test_out_that_is_a_file_is_one_line(tiny_onnx_dir, tmp_path, below):
     code, _, stderr = run_vaebuild(*static_args(tiny_onnx_dir, write_spec(tmp_path), out, "a"))
 
     assert code == 2
-    one_error_line(stderr, f"--out {out}", f"{taken} is a file, not a folder", "pass a folder path")
+    blocker = taken if below else "it"
+    one_error_line(stderr, f"--out {out}: {blocker} is a file, not a folder; pass a folder path")
     assert taken.read_text() == "x"
 
 
 @pytest.mark.parametrize(
     "err, fragments",
     [
-        (PermissionError(errno.EACCES, "Permission denied", "/d/manifest.json"), ["/d/manifest.json: permission denied"]),
+        (PermissionError(errno.EACCES, "Permission denied", "/d/m.json"), ["/d/m.json: permission denied"]),
         (OSError(errno.EROFS, "Read-only file system", "/ro/x.trt"), ["/ro/x.trt: read-only file system"]),
         (OSError(errno.ENOSPC, "No space left on device", "/d/x.trt"), ["/d/x.trt: no space left on device", "free"]),
         (IsADirectoryError(errno.EISDIR, "Is a directory", "/d"), ["/d: is a folder, not a file"]),
@@ -214,9 +215,12 @@ def test_os_errors_are_one_line_with_path_and_cause(err, fragments):
 
 def test_a_file_in_the_way_is_named(tmp_path):
     (tmp_path / "file").write_text("x")
-    for path, cls in ((tmp_path / "file" / "sub", NotADirectoryError), (tmp_path / "file", FileExistsError)):
-        line = format_os_error(cls(errno.ENOTDIR if cls is NotADirectoryError else errno.EEXIST, "x", str(path)))
-        assert line == f"error: {path}: {tmp_path / 'file'} is a file, not a folder; pass a folder path"
+    below = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "file" / "sub"))
+    assert format_os_error(below) == (
+        f"error: {below.filename}: {tmp_path / 'file'} is a file, not a folder; pass a folder path"
+    )
+    itself = FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "file"))
+    assert format_os_error(itself) == f"error: {itself.filename}: it is a file, not a folder; pass a folder path"
 
 
 def _half_write_then_disk_full(write, data):

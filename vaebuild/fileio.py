@@ -72,24 +72,26 @@ def atomic_directory(final_dir):
 
 
 def _name_final_path(err: OSError, tmp: Path, final: Path):
-    """Make an error raised while writing under `tmp` name the matching path under `final`, the one the user asked for."""
+    """Make an error raised while writing under `tmp` name the matching path under `final`, the one asked for."""
     written = Path(err.filename) if isinstance(err.filename, (str, os.PathLike)) else tmp
     if written == tmp or tmp in written.parents:
         err.filename, err.filename2 = str(final / written.relative_to(tmp)), None
 
 
-def file_in_the_way(path):
-    """The file (`path` itself or a parent) that keeps `path` from being a folder, or None."""
+def not_a_folder(path):
+    """Why `path` cannot be a folder ("it is a file" or "PARENT is a file", then "not a folder"), or None."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if os.path.exists(p)), None)
-    return existing if existing is not None and not existing.is_dir() else None
+    if existing is None or existing.is_dir():
+        return None
+    return f"{'it' if existing == path else existing} is a file, not a folder"
 
 
 def check_output_folder(path):
     """Raise a one-line `UserInputError` when `--out path` cannot be a folder because a file is in the way."""
-    blocker = file_in_the_way(path)
-    if blocker is not None:
-        raise UserInputError(f"--out {path}: {blocker} is a file, not a folder; pass a folder path")
+    why = not_a_folder(path)
+    if why is not None:
+        raise UserInputError(f"--out {path}: {why}; pass a folder path")
 
 
 def write_text(path, text):

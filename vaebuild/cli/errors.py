@@ -13,7 +13,7 @@ import warnings
 import typer
 
 from vaebuild.errors import FILE_SYSTEM_EXIT_CODE, INTERRUPTED_EXIT_CODE, VaebuildError, one_line
-from vaebuild.fileio import file_in_the_way
+from vaebuild.fileio import not_a_folder
 
 _FREE_SPACE = "free some space or choose another location"
 _OS_ERROR_CAUSES = {
@@ -37,9 +37,9 @@ def format_os_error(err: OSError) -> str:
     path = err.filename
     cause = _OS_ERROR_CAUSES.get(err.errno) or (err.strerror or one_line(err, with_type=True))
     if err.errno in (errno.ENOTDIR, errno.EEXIST) and isinstance(path, (str, os.PathLike)):
-        blocker = file_in_the_way(path)
-        if blocker is not None:
-            cause = f"{blocker} is a file, not a folder; pass a folder path"
+        why = not_a_folder(path)
+        if why is not None:
+            cause = f"{why}; pass a folder path"
     return f"error: {path}: {cause}" if path is not None else f"error: {cause}"
 
 

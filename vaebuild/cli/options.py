@@ -60,9 +60,8 @@ def model_source(model, random_init, seed, config, allow_pickle):
     """The `ModelSource` the model options describe."""
     from vaebuild.model_source import ModelSource
 
-    return ModelSource(
-        model=model, random_init=random_init, seed=seed, config=str(config) if config else None, allow_pickle=allow_pickle
-    )
+    config = str(config) if config else None
+    return ModelSource(model=model, random_init=random_init, seed=seed, config=config, allow_pickle=allow_pickle)
 
 
 def export_options(precision, opset, fold, device):
