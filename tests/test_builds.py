@@ -20,7 +20,7 @@ from vaebuild.backends.base import BuildOptions
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.fileio import sha256_file
-from vaebuild.manifest import MANIFEST_NAME
+from vaebuild.manifest import LOCK_NAME, MANIFEST_NAME
 from vaebuild.specs import load_spec
 
 pytest.importorskip(
@@ -93,9 +93,9 @@ def statuses(lines):
 
 
 def files_under(folder):
-    """Every file below `folder` (hidden ones included), as sorted relative posix paths."""
+    """Every file below `folder` (hidden ones included) but the manifest's lock file, as sorted relative posix paths."""
     folder = Path(folder)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_NAME)
 
 
 def engine_files(folder):

@@ -229,6 +229,13 @@ def test_description_round_trips_to_the_same_source(tmp_path):
         ModelSource(random_init=True, seed=7),
         ModelSource(model=str(tmp_path)),
         ModelSource(model=str(tmp_path / "vae.safetensors"), config=str(tmp_path / "config.json")),
+        ModelSource(model=str(tmp_path), allow_pickle=True),
     ):
-        assert ModelSource.from_description(source.describe()) == source
+        assert ModelSource.from_description(source.describe(), allow_pickle=source.allow_pickle) == source
     assert ModelSource.from_description({"kind": "test"}) is None
+
+
+def test_a_description_never_allows_pickle_by_itself(tmp_path):
+    described = ModelSource(model=str(tmp_path), allow_pickle=True).describe()
+    assert described["allow_pickle"] is True
+    assert ModelSource.from_description(described) == ModelSource(model=str(tmp_path))

@@ -19,6 +19,7 @@ from vaebuild.builds import build_engines
 from vaebuild.backends.base import BuildOptions, EngineInfo
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
+from vaebuild.fileio import sha256_file
 from vaebuild.graphs import build_graphs
 from vaebuild.inputs import sample_images, sample_latents
 from vaebuild.model_source import weights_sha256
@@ -84,7 +85,8 @@ def _placeholder_build(backend, source, graph, engine_path, profiles, options):
     names = TENSOR_NAMES["encoder" if "encoder" in engine_path.name else "decoder"]
     return EngineInfo(
         backend=options.backend, backend_version="0-test", engine_path=engine_path, input_names=names[:1],
-        output_names=names[1:], profiles=tuple(profiles), size_bytes=18, sha256="0" * 64, build_seconds=0.0,
+        output_names=names[1:], profiles=tuple(profiles), size_bytes=18, sha256=sha256_file(engine_path),
+        build_seconds=0.0,
     )
 
 

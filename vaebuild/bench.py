@@ -604,11 +604,9 @@ def _model_text(model):
 
 def write_results(result, json_path=None, markdown_path=None):
     """Write the JSON result and/or the Markdown tables (parent folders are created)."""
-    from vaebuild.fileio import write_json
+    from vaebuild.fileio import write_json, write_text
 
     if json_path:
         write_json(Path(json_path), result)
     if markdown_path:
-        path = Path(markdown_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_markdown(result))
+        write_text(Path(markdown_path), render_markdown(result))

@@ -21,7 +21,7 @@ from vaebuild.backends.base import BuildOptions
 from vaebuild.contracts import runtime_contract
 from vaebuild.errors import UserInputError, one_line
 from vaebuild.export import RECORD_NAME
-from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, write_manifest
+from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, update_manifest
 
 GRAPHS = ("encoder", "decoder")
 
@@ -170,11 +170,9 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
     # Engines only load in the builder's own version (and packages on their own GPU): a change rebuilds them.
     backend_version = backend.version()
     target = backend.build_target(options)
-    planned_paths = {rel_path for rel_path, _, _ in plan}
     previous_entries = {e["path"]: e for e in previous["engines"]}
     options_dict = _options_dict(options)
-    kept = [e for e in previous["engines"] if e["path"] not in planned_paths and (out_dir / e["path"]).is_file()]
-    manifest = {
+    header = {
         "manifest_version": MANIFEST_VERSION,
         "vaebuild_version": vaebuild.__version__,
         "kind": kind,
@@ -187,64 +185,63 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
         "runtime_contract": contract,
         "single_frame_fold": record["single_frame_fold"],
         "build_options": options_dict,
-        "engines": kept,
     }
     if backend.builds_from == "pytorch":
-        manifest["weights_file"] = source.write_weights(out_dir)
-        log(f"weights: {manifest['weights_file']['path']} ({manifest['weights_file']['size_bytes'] / 1e6:.1f} MB, "
-            f"{manifest['weights_file']['tensors']} tensors)")
+        weights = header["weights_file"] = source.write_weights(out_dir)
+        log(f"weights: {weights['path']} ({weights['size_bytes'] / 1e6:.1f} MB, {weights['tensors']} tensors)")
 
-    done, todo = {}, []  # rel_path -> finished entry; engines still to build
-    for index, (rel_path, graph, profiles) in enumerate(plan, start=1):
-        graph_record = record["graphs"][graph]
-        requested = [{graph_record["input"]["name"]: profile_shapes(graph, p, record)} for p in profiles]
-        key = build_key(
-            source_sha256=graph_record.get("sha256", record["weights_sha256"]),
-            precision=record["precision"],
-            profiles=requested,
-            options={k: v for k, v in options_dict.items() if k != "jobs"},
-            backend=options.backend,
-            backend_version=backend_version,
-            target=target,
-            fast_attention=backend.builds_from == "pytorch" and uses_fast_attention(requested),
-        )
-        prefix = f"[{index}/{len(plan)}] {rel_path}"
-        old = previous_entries.get(rel_path)
-        if engine_is_current(out_dir, old, key):
-            log(f"{prefix}: up to date, skipped")
-            done[rel_path] = old
-            if summary:
-                summary.add("skipped", rel_path)
-        else:
-            todo.append((prefix, rel_path, graph, profiles, requested, key))
+    manifest = None
+    unfinished = []  # engines started or queued and not yet listed
 
-    def write():
-        manifest["engines"] = kept + [done[rel_path] for rel_path, _, _ in plan if rel_path in done]
-        write_manifest(out_dir, manifest)
+    def listed(entry):
+        nonlocal manifest
+        manifest = update_manifest(out_dir, header, entry)
+        if entry["path"] in unfinished:
+            unfinished.remove(entry["path"])
 
     def finished(prefix, rel_path, graph, profiles, info, key):
         log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
         if summary:
             summary.add("built", rel_path, seconds=round(info.build_seconds, 2), size_bytes=info.size_bytes)
-        done[rel_path] = _engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record)
-        write()
+        listed(_engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record))
 
-    if done:
-        write()
-
+    # Skip the current engines and build the others, in plan order (or in worker processes).
     try:
-        if options.jobs > 1 and len(todo) > 1:
-            _build_in_workers(backend, source, out_dir, todo, options, log, finished)
-        else:
-            for prefix, rel_path, graph, profiles, requested, key in todo:
+        todo = []
+        for index, (rel_path, graph, profiles) in enumerate(plan, start=1):
+            graph_record = record["graphs"][graph]
+            requested = [{graph_record["input"]["name"]: profile_shapes(graph, p, record)} for p in profiles]
+            key = build_key(
+                source_sha256=graph_record.get("sha256", record["weights_sha256"]),
+                precision=record["precision"],
+                profiles=requested,
+                options={k: v for k, v in options_dict.items() if k != "jobs"},
+                backend=options.backend,
+                backend_version=backend_version,
+                target=target,
+                fast_attention=backend.builds_from == "pytorch" and uses_fast_attention(requested),
+            )
+            prefix = f"[{index}/{len(plan)}] {rel_path}"
+            old = previous_entries.get(rel_path)
+            if engine_is_current(out_dir, old, key):
+                log(f"{prefix}: up to date, skipped")
+                if summary:
+                    summary.add("skipped", rel_path)
+                listed(old)
+            elif options.jobs > 1:
+                todo.append((prefix, rel_path, graph, profiles, requested, key))
+                unfinished.append(rel_path)
+            else:
+                unfinished.append(rel_path)
                 log(f"{prefix}: building {len(profiles)} profile(s) with {options.backend} ...")
                 info = backend.build_engine(source, graph, out_dir / rel_path, requested, options)
                 finished(prefix, rel_path, graph, profiles, info, key)
-    except Exception as err:
+        if todo:
+            _build_in_workers(backend, source, out_dir, todo, options, log, finished)
+    except BaseException as err:
         if summary:
-            for _, rel_path, *_ in todo:
-                if rel_path not in done:
-                    summary.add("failed", rel_path, error=one_line(err))
+            for rel_path in unfinished:
+                summary.add("failed", rel_path, error=one_line(err))
         raise
     return manifest
 

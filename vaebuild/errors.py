@@ -4,7 +4,14 @@ Exit codes (documented in the README):
     2  user error: bad path, bad option, bad spec, bad model folder
     3  backend missing: the chosen runtime/builder package is not installed
     4  mismatch: an export or engine disagrees with PyTorch beyond tolerance
+    5  file-system error: an `OSError` while reading or writing (permission denied, read-only file system,
+       disk full, a path component that is a file, ...); the CLI names the path and the cause
+  130  interrupted (Ctrl-C / SIGINT)
+In every case nothing half-written is left under a final name.
 """
+
+FILE_SYSTEM_EXIT_CODE = 5
+INTERRUPTED_EXIT_CODE = 130
 
 
 def one_line(err, with_type=False) -> str:

@@ -20,7 +20,7 @@ from torch.export import Dim
 
 import vaebuild
 from vaebuild.errors import UserInputError
-from vaebuild.fileio import atomic_directory, sha256_file, write_json
+from vaebuild.fileio import atomic_directory, check_output_folder, sha256_file, write_json
 from vaebuild.graphs import build_graphs, describe_graphs
 from vaebuild.inputs import sample_input
 from vaebuild.model_source import weights_sha256
@@ -72,8 +72,7 @@ def export_onnx(vae, source_description, out_dir, options=ExportOptions(), log=p
     precision = get_precision(options.precision)
     device = options.torch_device()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"--out {out_dir} is a file; pass a directory")
+    check_output_folder(out_dir)
     weights_hash = weights_sha256(vae)
     log(f"weights sha256 {weights_hash[:16]}...")
     graph_modules = build_graphs(vae, fold=options.fold)

@@ -4,8 +4,15 @@ One manifest per output folder. Each engine entry records its profiles (input mi
 read back from the builder), precision, backend and version, ONNX and weights hashes, build
 time, file size and sha256, plus a `build_key` hashing every input of the build: an entry whose
 key and file hash still match is skipped on the next run.
+
+Several processes may build into one folder at once: each engine file is renamed into place by its
+builder, and each manifest update re-reads the manifest under an exclusive lock on the folder
+(`flock` on `.manifest.lock`) and replaces only its own engine's entry. The top-level fields describe
+the latest build that updated the manifest.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +21,7 @@ from vaebuild.errors import UserInputError
 from vaebuild.fileio import sha256_file, write_json
 
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
 MANIFEST_VERSION = 1
 
 
@@ -51,6 +59,35 @@ def read_build_manifest(folder):
 def write_manifest(out_dir, manifest):
     """Write the manifest atomically."""
     write_json(Path(out_dir) / MANIFEST_NAME, manifest)
+
+
+@contextlib.contextmanager
+def manifest_lock(out_dir):
+    """Hold the exclusive lock on `out_dir`'s manifest, waiting while another process holds it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_NAME, "a") as lock_file:  # closing the file releases the lock
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
+def update_manifest(out_dir, header, entry):
+    """Merge one engine's `entry` into `out_dir`'s manifest under the folder lock; return the manifest written.
+
+    The manifest is re-read under the lock: entries of other engines whose files exist are kept, and
+    `entry` replaces the entry with its path, moving to the end; `header` gives the top-level fields.
+    When another process has since replaced the engine file, the entry that matches the file stays
+    (or none), so the manifest never lists an engine its file does not match.
+    """
+    out_dir = Path(out_dir)
+    with manifest_lock(out_dir):
+        engines = (read_manifest(out_dir) or {"engines": []})["engines"]
+        same_path = [e for e in engines if e["path"] == entry["path"]]
+        listed = next((e for e in [entry, *same_path] if engine_file_problem(out_dir, e) is None), None)
+        others = [e for e in engines if e["path"] != entry["path"] and (out_dir / e["path"]).is_file()]
+        manifest = {**header, "engines": others + ([listed] if listed else [])}
+        write_manifest(out_dir, manifest)
+    return manifest
 
 
 def engine_file_problem(folder, entry):

@@ -1,7 +1,9 @@
 """Where the VAE comes from: a local folder, a cached Hugging Face id, a single file, or seeded random init.
 
 `--random-init` is only ever used when the user asks for it; every other source either loads
-real weights or fails with a one-line `ModelLoadError`.
+real weights or fails with a one-line `ModelLoadError`. Folders load safetensors only, unless
+`allow_pickle` (`--allow-pickle`) lets diffusers fall back to a pickled `.bin`, which can run code
+when loaded; single-file `.pt/.bin/.ckpt` checkpoints load with `torch.load(weights_only=True)`.
 """
 
 import hashlib
@@ -23,6 +25,7 @@ class ModelSource:
     random_init: bool = False
     seed: int = 0
     config: str | None = None  # optional config.json for a single-file checkpoint
+    allow_pickle: bool = False  # let a folder without safetensors load pickled weights
 
     def __post_init__(self):
         if bool(self.model) == bool(self.random_init):
@@ -38,15 +41,20 @@ class ModelSource:
         described = {"kind": self._kind(), "model": self.model}
         if self.config:
             described["config"] = self.config
+        if self.allow_pickle:
+            described["allow_pickle"] = True
         return described
 
     @classmethod
-    def from_description(cls, described):
-        """The source a `describe()` record came from, or None when the record cannot be re-loaded."""
+    def from_description(cls, described, allow_pickle=False):
+        """The source a `describe()` record came from, or None when the record cannot be re-loaded.
+
+        A record never allows pickled weights by itself: `allow_pickle` is the caller's choice.
+        """
         if described.get("kind") == "random-init":
             return cls(random_init=True, seed=int(described.get("seed", 0)))
         if described.get("model"):
-            return cls(model=str(described["model"]), config=described.get("config"))
+            return cls(model=str(described["model"]), config=described.get("config"), allow_pickle=allow_pickle)
         return None
 
     def _kind(self):
@@ -72,10 +80,10 @@ def load_vae(source: ModelSource):
     if path.is_file():
         return _load_single_file(path, source.config).eval()
     if path.is_dir():
-        return _load_folder(path).eval()
+        return _load_folder(path, source.allow_pickle).eval()
     if _looks_like_path(source.model):
         raise ModelLoadError(f"model path '{source.model}' does not exist; pass an existing folder or file")
-    return _load_folder(_cached_snapshot(source.model)).eval()
+    return _load_folder(_cached_snapshot(source.model), source.allow_pickle).eval()
 
 
 def _randomize_norm_gains(vae, seed):
@@ -103,7 +111,7 @@ def _vae_folder(path: Path) -> Path:
     )
 
 
-def _load_folder(path: Path):
+def _load_folder(path: Path, allow_pickle: bool):
     from diffusers import AutoencoderKLQwenImage
 
     folder = _vae_folder(path)
@@ -116,8 +124,16 @@ def _load_folder(path: Path):
             f"{folder / 'config.json'} describes {class_name}, not {VAE_CLASS_NAME}; pass the Qwen-Image VAE folder"
         )
     try:
-        return AutoencoderKLQwenImage.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        return AutoencoderKLQwenImage.from_pretrained(
+            folder, local_files_only=True, low_cpu_mem_usage=False, use_safetensors=None if allow_pickle else True
+        )
     except Exception as err:  # diffusers raises many types for corrupt or partial weights
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        if not allow_pickle and pickled and not any(folder.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{folder} has no safetensors weights, only pickled {', '.join(pickled)}, which can run code when "
+                "loaded; convert it to safetensors, or pass --allow-pickle if you trust it"
+            ) from None
         raise ModelLoadError(f"could not load weights from {folder}: {one_line(err)}") from None
 
 

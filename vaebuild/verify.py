@@ -99,6 +99,7 @@ class VerifyOptions:
     device: str = "auto"  # where the PyTorch reference runs: auto | cpu | cuda
     onnx_dir: Path | None = None  # instead of the manifest's onnx_dir
     model: str | None = None  # instead of the manifest's model entry
+    allow_pickle: bool = False  # let a model folder without safetensors load pickled weights
     seed: int = 0
 
     def __post_init__(self):
@@ -250,7 +251,7 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
 
     device = _reference_device(options.device)
     max_side = options.max_side if options.max_side is not None else (0 if device == "cuda" else CPU_MAX_SIDE)
-    source = _model_source(manifest, options.model, folder)
+    source = _model_source(manifest, options, folder)
     log(f"loading the PyTorch reference ({source.describe()['kind']}) ...")
     vae, weights_hash = _load_reference(source, manifest["weights_sha256"])
     reference = _ReferenceCache(vae, device)
@@ -453,14 +454,14 @@ def _without_repeated_onnx_rows(plans):
 # --- the reference ----------------------------------------------------------------------------------
 
 
-def _model_source(manifest, model_override, folder):
+def _model_source(manifest, options, folder):
     from vaebuild.manifest import MANIFEST_NAME
     from vaebuild.model_source import ModelSource
 
-    if model_override:
-        return ModelSource(model=model_override)
+    if options.model:
+        return ModelSource(model=options.model, allow_pickle=options.allow_pickle)
     model = manifest.get("model") or {}
-    source = ModelSource.from_description(model)
+    source = ModelSource.from_description(model, allow_pickle=options.allow_pickle)
     if source is not None:
         return source
     raise UserInputError(

@@ -39,6 +39,10 @@ def root(
     - 2: user error (bad path, option or spec)
     - 3: backend not installed
     - 4: mismatch against PyTorch
+    - 5: file-system error (the path and the cause are named)
+    - 130: interrupted
+
+    VAEBUILD_DEBUG=1 shows tracebacks.
     """
 
 

@@ -8,7 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from vaebuild.cli.errors import reports_errors
-from vaebuild.cli.options import ConfigOption, ModelOption, RandomInitOption, SeedOption, model_source
+from vaebuild.cli.options import (
+    AllowPickleOption,
+    ConfigOption,
+    ModelOption,
+    RandomInitOption,
+    SeedOption,
+    model_source,
+)
 
 SizesOption = Annotated[
     Optional[str],
@@ -50,6 +57,7 @@ def bench(
     random_init: RandomInitOption = False,
     seed: SeedOption = 0,
     config: ConfigOption = None,
+    allow_pickle: AllowPickleOption = False,
     precision: BenchPrecisionOption = None,
     device: BenchDeviceOption = "auto",
     runs: RunsOption = None,
@@ -63,7 +71,7 @@ def bench(
     from vaebuild.bench import BenchOptions, default_sizes, parse_sizes, render_markdown, run_bench, write_results
     from vaebuild.model_source import load_vae
 
-    source = model_source(model, random_init, seed, config)
+    source = model_source(model, random_init, seed, config, allow_pickle)
     options = BenchOptions(
         sizes=parse_sizes(sizes) if sizes else default_sizes(),
         device=device,

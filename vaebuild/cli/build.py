@@ -7,6 +7,7 @@ import typer
 
 from vaebuild.cli.errors import reports_errors
 from vaebuild.cli.options import (
+    AllowPickleOption,
     ConfigOption,
     DeviceOption,
     Fold3dOption,
@@ -91,6 +92,7 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
     from vaebuild.backends.base import BuildOptions
     from vaebuild.builds import build_engines, check_before_export, export_for_build, model_for_build
     from vaebuild.contracts import runtime_contract
+    from vaebuild.fileio import check_output_folder
     from vaebuild.progress import progress_log
     from vaebuild.specs import default_spec_path, find_spec, load_spec
     from vaebuild.summary import BUILD_STATUSES, summary_written
@@ -113,6 +115,7 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
         loaded = load_spec(find_spec(spec) if spec else default_spec_path(kind))
         if ratios:
             loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
+        check_output_folder(out)
         if onnx is not None and any(source_args[:2]):
             raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
         if get_backend(backend).builds_from == "pytorch":
@@ -150,6 +153,7 @@ def _build_command(kind, summary):
         random_init: RandomInitOption = False,
         seed: SeedOption = 0,
         config: ConfigOption = None,
+        allow_pickle: AllowPickleOption = False,
         precision: PrecisionOption = None,
         opset: OpsetOption = None,
         fold: Fold3dOption = True,
@@ -166,7 +170,7 @@ def _build_command(kind, summary):
     ):
         _run_build(
             kind, out, spec, ratios, onnx,
-            (model, random_init, seed, config), (precision, opset, fold, device),
+            (model, random_init, seed, config, allow_pickle), (precision, opset, fold, device),
             (backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs),
             allow_non_fp16, json_path,
         )

@@ -7,6 +7,7 @@ import typer
 
 from vaebuild.cli.errors import reports_errors
 from vaebuild.cli.options import (
+    AllowPickleOption,
     ConfigOption,
     DeviceOption,
     Fold3dOption,
@@ -27,6 +28,7 @@ def export(
     random_init: RandomInitOption = False,
     seed: SeedOption = 0,
     config: ConfigOption = None,
+    allow_pickle: AllowPickleOption = False,
     precision: PrecisionOption = None,
     opset: OpsetOption = None,
     fold: Fold3dOption = True,
@@ -37,7 +39,7 @@ def export(
     from vaebuild.model_source import load_vae
     from vaebuild.progress import progress_log
 
-    source = model_source(model, random_init, seed, config)
+    source = model_source(model, random_init, seed, config, allow_pickle)
     options = export_options(precision, opset, fold, device)
     with progress_log(typer.echo) as log:
         log(f"loading VAE ({source.describe()['kind']}) ...")

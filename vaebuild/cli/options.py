@@ -27,6 +27,15 @@ ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", help="config.json for a single-file checkpoint (default: Qwen-Image).", rich_help_panel="Model"),
 ]
+AllowPickleOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Let a model folder without safetensors load pickled .bin weights (they can run code when loaded: "
+        "only for files you trust).",
+        rich_help_panel="Model",
+    ),
+]
 PrecisionOption = Annotated[
     Optional[str],
     typer.Option("--precision", help="Tensor precision: fp16, bf16 or fp32 (default: fp16; bf16 for --backend inductor).",
@@ -49,11 +58,12 @@ DeviceOption = Annotated[
 ]
 
 
-def model_source(model, random_init, seed, config):
+def model_source(model, random_init, seed, config, allow_pickle):
     """The `ModelSource` the model options describe."""
     from vaebuild.model_source import ModelSource
 
-    return ModelSource(model=model, random_init=random_init, seed=seed, config=str(config) if config else None)
+    config = str(config) if config else None
+    return ModelSource(model=model, random_init=random_init, seed=seed, config=config, allow_pickle=allow_pickle)
 
 
 def export_options(precision, opset, fold, device):

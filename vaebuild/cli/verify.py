@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from vaebuild.cli.errors import reports_errors
+from vaebuild.cli.options import AllowPickleOption
 from vaebuild.verify import CPU_MAX_SIDE, DEFAULT_TOLERANCES, RUNNERS  # stdlib-only imports: --help stays fast
 
 _TOLERANCES = "Tolerances (default: per engine precision)"
@@ -76,6 +77,7 @@ def verify(
     skip: SkipOption = None,
     onnx: OnnxDirOption = None,
     model: ModelOverrideOption = None,
+    allow_pickle: AllowPickleOption = False,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
 ):
@@ -96,7 +98,8 @@ def verify(
     with summary_written(json_path, "verify", folder, VERIFY_STATUSES) as summary:
         options = VerifyOptions(
             atol=atol, rtol=rtol, min_psnr=min_psnr, max_side=max_side, require=tuple(require or ()),
-            skip=tuple(skip or ()), device=device, onnx_dir=onnx, model=model, seed=seed,
+            skip=tuple(skip or ()), device=device, onnx_dir=onnx, model=model, allow_pickle=allow_pickle,
+            seed=seed,
         )
         with progress_log(lambda line: typer.echo(line, err=True)) as log:
             result = verify_build(folder, options, log=log)
