@@ -554,4 +554,11 @@ def _image_size(shape, scale):
     return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
 
 
-from vaebuild.diffusers_vae import EngineVae  # noqa: E402
+
+def __getattr__(name):
+    """`vaebuild.runtime.EngineVae`, the diffusers drop-in, imported on first use (it imports diffusers)."""
+    if name == "EngineVae":
+        from vaebuild.diffusers_vae import EngineVae
+
+        return EngineVae
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
