@@ -684,12 +684,12 @@ def test_cli_json_summary_lists_built_then_skipped(tiny_onnx_dir, tmp_path):
 
 
 def test_cli_json_summary_of_a_failed_build(tiny_onnx_dir, tmp_path, monkeypatch):
-    import vaebuild.builds
+    import vaebuild.backends.tensorrt
 
     def fail(*args):
         raise UserInputError("builder exploded; try again")
 
-    monkeypatch.setattr(vaebuild.builds, "build_engine", fail)
+    monkeypatch.setattr(vaebuild.backends.tensorrt.TensorRTBackend, "build_engine", fail)
     summary_path = tmp_path / "summary.json"
     result = invoke("static", "--onnx", tiny_onnx_dir, "--spec", write_static_spec(tmp_path), "--ratios", "1_1",
                     "--backend", "tensorrt_rtx", "--out", tmp_path / "out", "--json", summary_path)
