@@ -157,7 +157,7 @@ def test_exit_codes_render_as_a_list(runner, monkeypatch, command):
     lines = [line.strip() for line in result.stdout.splitlines()]
     assert "Exit codes:" in lines
     items = [line for line in lines if line.startswith("• ")]
-    assert [item[2:4] for item in items] == ["0:", "2:", "3:", "4:"] if not command else ["0:", "2:", "4:"]
+    assert [item[2:4] for item in items] == ["0:", "2:", "3:", "4:", "5:", "13"] if not command else ["0:", "2:", "4:"]
 
 
 def test_format_error_is_one_line():

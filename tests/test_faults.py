@@ -58,7 +58,7 @@ def engine_paths(names):
 
 def static_args(onnx_dir, spec, out, ratios):
     return ["static", "--onnx", str(onnx_dir), "--spec", str(spec), "--ratios", ratios, "--backend", "tensorrt_rtx",
-            "--out", str(out)]
+            "--allow-non-fp16", "--out", str(out)]
 
 
 def vaebuild_process(*args, **popen_kwargs):

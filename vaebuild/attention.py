@@ -8,6 +8,7 @@ it is `F.scaled_dot_product_attention`. It is registered with `torch.library.tri
 """
 
 import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,28 @@ def kernel_usable(q, k, v):
     )
 
 
-@torch.library.triton_op("vaebuild::attention_d384", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(D)) v, equal to `F.scaled_dot_product_attention(q, k, v)`."""
     if not kernel_usable(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
     from vaebuild.attention_triton import attention_forward
 
     return attention_forward(q, k, v, wrap=torch.library.wrap_triton)
+
+
+def _register():
+    """Register `vaebuild::attention_d384`. Without Triton installed (CPU machines) torch logs a warning at
+    registration that would land in every CLI run's stderr; the op then always runs SDPA, so it is muted."""
+    torch_triton_log = logging.getLogger("torch._library.triton")
+    level = torch_triton_log.level
+    torch_triton_log.setLevel(logging.ERROR)
+    try:
+        return torch.library.triton_op("vaebuild::attention_d384", mutates_args=())(_attention)
+    finally:
+        torch_triton_log.setLevel(level)
+
+
+attention = _register()
 
 
 class FastAttentionBlock(nn.Module):

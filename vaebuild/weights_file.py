@@ -100,6 +100,19 @@ def read_to_device(path, device, check=None):
     return tensors
 
 
+def load_into(modules, path):
+    """Load the weights file at `path` into `modules` (strict: every tensor of each module must be there)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for module in modules:
+        own = dict(module.state_dict())
+        missing = [name for name in own if name not in tensors]
+        if missing:
+            raise UserInputError(f"{path} has no tensor {missing[0]!r} ({len(missing)} missing); rebuild the folder")
+        module.load_state_dict({name: tensors[name] for name in own})
+
+
 class FolderWeights:
     """The shared weights of one engine folder, loaded to each device once, on first use.
 
