@@ -140,7 +140,7 @@ def test_find_spec_takes_a_path_or_a_shipped_name(tmp_path):
     assert find_spec(str(path)) == path
     assert find_spec("i2i_multiprofile") == default_spec_path("multiprofile")
     with pytest.raises(SpecError, match=r"^nope: no such spec file or shipped spec; pass a YAML path or one of: "
-                                        r"i2i_multiprofile, .*t2i_static"):
+                                        r"all_static, i2i_multiprofile, .*t2i_static"):
         find_spec("nope")
 
 
