@@ -70,9 +70,8 @@ class BenchOptions:
     fresh_process_loads: bool = True  # measure engine loads in subprocesses (see vaebuild.load_probe)
 
     def __post_init__(self):
-        if isinstance(self.engines, (str, Path)):
-            object.__setattr__(self, "engines", (Path(self.engines),))
-        object.__setattr__(self, "engines", tuple(Path(e) for e in self.engines or ()))
+        engines = (self.engines,) if isinstance(self.engines, (str, Path)) else self.engines or ()
+        object.__setattr__(self, "engines", tuple(Path(e) for e in engines))
         if not self.sizes:
             raise UserInputError("no sizes to benchmark; pass --sizes WxH[,WxH...]")
         for name, value, low in (("--warmup", self.warmup, 0), ("--runs", self.runs, 1), ("--batch", self.batch, 1)):

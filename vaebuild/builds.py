@@ -114,7 +114,6 @@ class BuildSource:
             "spatial_multiple": graph_record["spatial_multiple"],
             "embed_weights": options.embed_weights,
             "fast_attention": uses_fast_attention(profiles),
-            "target": get_backend(options.backend).build_target(options),
         }
 
 
@@ -203,7 +202,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
         log(f"{prefix}: built in {info.build_seconds:.1f} s, {info.size_bytes / 1e6:.1f} MB")
         if summary:
             summary.add("built", rel_path, seconds=round(info.build_seconds, 2), size_bytes=info.size_bytes)
-        listed(_engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record))
+        listed(_engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record, target))
 
     # Skip the current engines and build the others, in plan order (or in worker processes).
     try:
@@ -237,7 +236,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
                 info = backend.build_engine(source, graph, out_dir / rel_path, requested, options)
                 finished(prefix, rel_path, graph, profiles, info, key)
         if todo:
-            _build_in_workers(backend, source, out_dir, todo, options, log, finished)
+            _build_in_workers(source, out_dir, todo, options, log, finished)
     except BaseException as err:
         if summary:
             for rel_path in unfinished:
@@ -246,12 +245,11 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
     return manifest
 
 
-def _build_in_workers(backend, source, out_dir, todo, options, log, finished):
-    """Compile packages in `options.jobs` fresh processes; the manifest is updated here as each one ends."""
+def _build_in_workers(source, out_dir, todo, options, log, finished):
+    """Compile packages in `options.jobs` fresh processes (`BuildOptions` allows jobs for inductor only);
+    the manifest is updated here as each one ends."""
     from vaebuild.backends.inductor import compile_package
 
-    if backend.builds_from != "pytorch":
-        raise UserInputError(f"--jobs works with the inductor backend only, not {options.backend}")
     requests = {
         prefix: source.compile_request(graph, out_dir / rel_path, requested, options)
         for prefix, rel_path, graph, profiles, requested, key in todo
@@ -263,7 +261,7 @@ def _build_in_workers(backend, source, out_dir, todo, options, log, finished):
             finished(prefix, rel_path, graph, profiles, futures[prefix].result(), key)
 
 
-def _engine_entry(rel_path, graph, profiles, graph_record, info, key, record):
+def _engine_entry(rel_path, graph, profiles, graph_record, info, key, record, target):
     input_name = graph_record["input"]["name"]
     entry = {
         "path": rel_path,
@@ -293,6 +291,7 @@ def _engine_entry(rel_path, graph, profiles, graph_record, info, key, record):
         size_bytes=info.size_bytes,
         sha256=info.sha256,
         build_key=key,
+        **target,
         **info.manifest_fields,
     )
     return entry

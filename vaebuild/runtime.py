@@ -22,8 +22,7 @@ Residency: `resident="all"` (the default for folders of AOTInductor packages) lo
 the runtime is created, so switching resolutions costs nothing; `"lazy"` (the default otherwise)
 loads an engine on its first use. Either way `memory_budget` (bytes, None: no limit) bounds what stays
 loaded: before a load, the least recently used engines are released until the new one fits (each
-engine's size is measured at its load: the CUDA free-memory drop, else the runner's `memory_bytes`,
-else the file size). A load that runs out of memory releases every other engine and is tried once
+engine's size is measured at its load: the CUDA free-memory drop, on a CPU the file size). A load that runs out of memory releases every other engine and is tried once
 more. `load_seconds` and `engine_bytes` record each load.
 
 Shared weights: weight-free packages (inductor builds without `--embed-weights`) take their constants
@@ -449,7 +448,7 @@ class VaeRuntime:
         if on_cuda:
             used = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
         else:
-            used = getattr(runner, "memory_bytes", None) or entry.path.stat().st_size
+            used = entry.path.stat().st_size
         return runner, seconds, used
 
     def _make_room(self, needed):
@@ -552,7 +551,6 @@ def _is_out_of_memory(err):
 
 def _image_size(shape, scale):
     return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
-
 
 
 def __getattr__(name):

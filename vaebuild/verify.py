@@ -609,10 +609,11 @@ def _feed_dtype(runner, precision):
     (a bf16 graph runs as its float32 twin)."""
     import torch
 
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    from vaebuild.precision import get_precision
+
     if runner == "onnxrt" and precision == "bf16":
         return torch.float32
-    return dtypes[precision]
+    return get_precision(precision).dtype
 
 
 def _folder_weights(folder, manifest):

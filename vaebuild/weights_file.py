@@ -37,19 +37,19 @@ def graph_tensors(graphs):
 
 
 def write_weights_file(path, graphs):
-    """Write the graphs' tensors to `path` atomically; return its manifest record."""
-    from safetensors.torch import save_file
+    """Write the graphs' tensors to `path` atomically; return its manifest record (hashed from the bytes written)."""
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {name: t.cpu().clone() for name, t in graph_tensors(graphs).items()}
+    data = save(tensors)
     with atomic_output(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(data)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    data = path.read_bytes()
     return {
         "path": path.name,
         "sha256": hashlib.sha256(data).hexdigest(),
-        "size_bytes": path.stat().st_size,
+        "size_bytes": len(data),
         "tensors": len(tensors),
         "dtypes": dtypes,
         "chunk_bytes": CHUNK_BYTES,

@@ -33,7 +33,6 @@ ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
 ProfileShapes = Mapping[str, ShapeRange]  # input name -> (min, opt, max)
 
 BACKENDS = ("tensorrt", "tensorrt_rtx", "inductor")
-TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")
 
 
 def check_backend_name(backend: str) -> None:

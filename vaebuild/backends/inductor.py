@@ -146,7 +146,7 @@ def compile_package(request) -> EngineInfo:
         size_bytes=engine_path.stat().st_size,
         sha256=sha256_file(engine_path),
         build_seconds=time.perf_counter() - start,
-        manifest_fields={**request["target"], "weights": "embedded" if request["embed_weights"] else "folder"},
+        manifest_fields={"weights": "embedded" if request["embed_weights"] else "folder"},
     )
 
 

@@ -99,8 +99,8 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
 
     backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs = builder_args
     precision, opset, fold, device = export_args
-    compiles_pytorch = backend == "inductor"
     with summary_written(json_path, kind, out, BUILD_STATUSES) as summary, progress_log(typer.echo) as log:
+        compiles_pytorch = get_backend(backend).builds_from == "pytorch"
         options = BuildOptions(
             backend=backend,
             builder_optimization_level=opt_level,
@@ -118,7 +118,7 @@ def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_
         check_output_folder(out)
         if onnx is not None and any(source_args[:2]):
             raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
-        if get_backend(backend).builds_from == "pytorch":
+        if compiles_pytorch:
             if onnx is not None:
                 raise UserInputError(
                     f"the {backend} backend compiles the PyTorch model; pass --model or --random-init, not --onnx"
