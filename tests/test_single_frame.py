@@ -12,7 +12,7 @@ from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
 from conftest import make_tiny_vae
 from vaebuild.graphs import build_graphs
 from vaebuild.model_source import ModelSource, load_vae
-from vaebuild.single_frame import NearestUpsample2x, SingleFrameConv, fold_single_frame
+from vaebuild.single_frame import NearestUpsample2x, SingleFrameConv, SubPixelUpsampleConv, fold_single_frame
 
 # (kernel_size, stride, padding) of every causal-conv shape the rewrite must handle.
 CONV_CASES = {
@@ -63,6 +63,29 @@ def test_nearest_upsample_equals_qwen_upsample(size, dtype):
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("size", [(8, 12), (7, 9), (1, 5), (1, 1)], ids=["even", "odd", "one_row", "one_pixel"])
+def test_subpixel_upsample_conv_equals_upsample_then_conv(size):
+    torch.manual_seed(0)
+    # float64 throughout (QwenImageUpsample would round to float32): the rewrite is exact up to summation order.
+    resample = torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=2, mode="nearest-exact"), torch.nn.Conv2d(6, 5, 3, padding=1)
+    ).double()
+    subpixel = SubPixelUpsampleConv(resample)
+    x = torch.randn(2, 6, *size, generator=_generator(), dtype=torch.float64)
+    with torch.no_grad():
+        expected = resample(x)
+        actual = subpixel(x)
+    assert actual.shape == expected.shape == (2, 5, 2 * size[0], 2 * size[1])
+    assert (actual - expected).abs().max().item() < 1e-12
+    assert subpixel.state_dict().keys() == resample.state_dict().keys() == {"1.weight", "1.bias"}
+
+
+def test_subpixel_upsample_conv_rejects_other_convolutions():
+    resample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(4, 4, 5, padding=2))
+    with pytest.raises(ValueError, match="only 3x3"):
+        SubPixelUpsampleConv(resample)
+
+
 def test_fold_returns_new_model_without_mutating_input(tiny_vae):
     before = {name: tensor.clone() for name, tensor in tiny_vae.state_dict().items()}
     n_conv3d = sum(isinstance(m, QwenImageCausalConv3d) for m in tiny_vae.modules())
@@ -89,8 +112,17 @@ def test_fold_returns_new_model_without_mutating_input(tiny_vae):
     assert torch.equal(tiny_vae.quant_conv.weight, before["quant_conv.weight"])
 
 
-def _assert_graphs_match_diffusers(vae, sizes, fold, tol=1e-4):
-    encoder, decoder = build_graphs(vae, fold=fold)
+# build_graphs keyword arguments: diffusers' modules, the 2-D rewrite (ONNX export), the 2-D rewrite with
+# the PyTorch-only sub-pixel upsampling (inductor packages).
+GRAPH_VARIANTS = {
+    "unfolded": {"fold": False},
+    "folded": {"fold": True},
+    "folded_subpixel": {"fold": True, "subpixel_upsample": True},
+}
+
+
+def _assert_graphs_match_diffusers(vae, sizes, variant, tol=1e-4):
+    encoder, decoder = build_graphs(vae, **GRAPH_VARIANTS[variant])
     z_dim = vae.config.z_dim
     scale = vae.spatial_compression_ratio
     for index, (batch, height, width) in enumerate(sizes):
@@ -111,9 +143,9 @@ def _assert_graphs_match_diffusers(vae, sizes, fold, tol=1e-4):
         assert diff_x < tol, f"decoder at {(batch, height, width)}: max abs diff {diff_x}"
 
 
-@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
-def test_tiny_graphs_equal_diffusers_encode_decode(tiny_vae, fold):
-    _assert_graphs_match_diffusers(tiny_vae, GRAPH_SIZES, fold)
+@pytest.mark.parametrize("variant", list(GRAPH_VARIANTS))
+def test_tiny_graphs_equal_diffusers_encode_decode(tiny_vae, variant):
+    _assert_graphs_match_diffusers(tiny_vae, GRAPH_SIZES, variant)
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +164,17 @@ def other_vae_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
-def test_saved_config_graphs_equal_diffusers_encode_decode(other_vae_dir, fold):
+@pytest.mark.parametrize("variant", list(GRAPH_VARIANTS))
+def test_saved_config_graphs_equal_diffusers_encode_decode(other_vae_dir, variant):
     vae = load_vae(ModelSource(model=str(other_vae_dir)))
     assert isinstance(vae, AutoencoderKLQwenImage)
     assert vae.config.z_dim == 8 and list(vae.config.temperal_downsample) == [True, False, True]
-    _assert_graphs_match_diffusers(vae, GRAPH_SIZES, fold)
+    _assert_graphs_match_diffusers(vae, GRAPH_SIZES, variant)
 
 
 def test_default_architecture_graphs_equal_diffusers_encode_decode():
     """The full Qwen-Image VAE (126.9M parameters, random weights) at one small size (~5 s on 2 cores)."""
     vae = load_vae(ModelSource(random_init=True))
     assert sum(p.numel() for p in vae.parameters()) == pytest.approx(126.9e6, rel=1e-3)
-    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], fold=True)
+    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded")
+    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded_subpixel")

@@ -71,16 +71,18 @@ def describe_graphs(vae):
     )
 
 
-def build_graphs(vae, fold=True, fast_attention=False):
+def build_graphs(vae, fold=True, fast_attention=False, subpixel_upsample=False):
     """The (encoder, decoder) graph modules of `vae`; `fold=True` applies the single-frame 2-D rewrite.
 
-    `fast_attention=True` (with `fold`) runs the mid-block attention through `vaebuild::attention_d384`.
+    With `fold`: `fast_attention=True` runs the mid-block attention through `vaebuild::attention_d384`,
+    `subpixel_upsample=True` computes the upsamplers' convolutions on the input grid (see single_frame).
     """
-    source = fold_single_frame(vae, fast_attention=fast_attention) if fold else vae
+    source = fold_single_frame(vae, fast_attention, subpixel_upsample) if fold else vae
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()
 
 
-def build_graph_modules_from_weights(vae_config, weights_path, precision, device, fast_attention=False):
+def build_graph_modules_from_weights(vae_config, weights_path, precision, device, fast_attention=False,
+                                     subpixel_upsample=False):
     """{"encoder", "decoder"}: the 2-D graphs of the architecture `vae_config` holding a weights file's tensors."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -89,7 +91,7 @@ def build_graph_modules_from_weights(vae_config, weights_path, precision, device
 
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage.from_config(vae_config).eval()
-    encoder, decoder = build_graphs(vae, fast_attention=fast_attention)
+    encoder, decoder = build_graphs(vae, fast_attention=fast_attention, subpixel_upsample=subpixel_upsample)
     dtype = get_precision(precision).dtype
     modules = {"encoder": encoder.to_empty(device="cpu"), "decoder": decoder.to_empty(device="cpu")}
     load_into(modules.values(), weights_path)

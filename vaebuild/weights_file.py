@@ -68,29 +68,38 @@ def read_to_device(path, device, check=None):
     """{name: tensor} of a safetensors file on `device`, all in one allocation, each tensor 256-byte aligned.
 
     Compiled kernels assume aligned constants (views at the file's packed offsets gave CUDA
-    "misaligned address" errors), so each tensor gets its own aligned slot. `check(data, pool)`, if
-    given, runs on the file's bytes in a thread pool while they are copied, and raises to refuse the file.
+    "misaligned address" errors), so each tensor gets its own aligned slot. The file is read once
+    into uninitialised host memory and copied to the device in one transfer; the slots are filled on
+    the device. `check(data, pool)`, if given, runs on the file's bytes in a thread pool meanwhile,
+    and raises to refuse the file.
     """
     import torch
 
     path = Path(path)
-    data = bytearray(path.stat().st_size)
-    with open(path, "rb") as f:
-        f.readinto(data)
+    host = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    data = memoryview(host.numpy())
+    with open(path, "rb", buffering=0) as f:
+        filled = 0
+        while filled < len(data):
+            n = f.readinto(data[filled:])
+            if not n:
+                raise UserInputError(f"{path} ended after {filled} of {len(data)} bytes while being read; rebuild the folder")
+            filled += n
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
     header.pop("__metadata__", None)
-    host = torch.frombuffer(data, dtype=torch.uint8)[8 + header_size:]
     slots, cursor = {}, 0
     for name, info in header.items():
         start, end = info["data_offsets"]
         slots[name] = (cursor, start, end)
         cursor += -(-(end - start) // ALIGN_BYTES) * ALIGN_BYTES
     with ThreadPoolExecutor() as pool:
-        checked = pool.submit(check, memoryview(data), pool) if check else None
+        checked = pool.submit(check, data, pool) if check else None
+        packed = host[8 + header_size:].to(device)
         flat = torch.empty(cursor, dtype=torch.uint8, device=device)
         for slot, start, end in slots.values():
-            flat[slot:slot + end - start].copy_(host[start:end])
+            flat[slot:slot + end - start].copy_(packed[start:end])
+        del packed
         if checked:
             checked.result()
     tensors = {}

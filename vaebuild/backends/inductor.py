@@ -4,7 +4,8 @@ Build: `torch.export` of the graph module at the profile's opt shape (height and
 within the profiles' min..max when they differ; the encoder's sides as multiples of 8), then
 `torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
 `vaebuild::attention_d384` (the Triton kernel of `vaebuild.attention` on Hopper, SDPA elsewhere; its
-key split is chosen from the token count, so dynamic-shape packages keep SDPA). By default packages are compiled weight-free
+key split is chosen from the token count, so dynamic-shape packages keep SDPA); every package computes
+the upsamplers' convolutions on the input grid (`single_frame.SubPixelUpsampleConv`). By default packages are compiled weight-free
 (`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds one copy
 that every package of the folder shares at load time (`weights_file.FolderWeights`).
 
@@ -118,8 +119,10 @@ def compile_package(request) -> EngineInfo:
 
     start = time.perf_counter()
     device = torch.device(request["device"])
+    # Sub-pixel upsampling: the decoder's upsampler convolutions at 4/9 of their multiply-adds (any shape).
     module = build_graph_modules_from_weights(
-        request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"]
+        request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"],
+        subpixel_upsample=True,
     )[request["graph"]]
     dtype = next(module.parameters()).dtype
     example, dynamic_shapes = export_shapes(request["input_name"], request["profiles"], request["spatial_multiple"])
@@ -224,9 +227,16 @@ def load_package(path, device):
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
 
 
+FOLDED_CONSTANT_PREFIX = "_FOLDED_CONST_"  # torch._inductor.compile_fx names run-time folded constants so
+
+
 def attach_weights(loader, tensors, where):
-    """Point a weight-free package's constants at `tensors` (no copy); one-line error for a missing name."""
-    names = loader.get_constant_fqns()
+    """Point a weight-free package's constants at `tensors` (no copy); one-line error for a missing name.
+
+    Constants that inductor derives from the weights (named `_FOLDED_CONST_*`, e.g. the sub-pixel
+    upsampler's phase kernels) are not given: the package computes them from ours on its first run.
+    """
+    names = [name for name in loader.get_constant_fqns() if not name.startswith(FOLDED_CONSTANT_PREFIX)]
     missing = [name for name in names if name not in tensors]
     if missing:
         raise UserInputError(

@@ -1,0 +1,303 @@
+"""Time and profile AOTInductor packages of the 2-D graphs at one size, one variant per package (issue 10).
+
+    python benchmarks/graph_profile.py --size 1328x1328 --out DIR [--variants a,b] [--jobs 8] [--compile-only | --reuse]
+
+A variant is a graph (encoder or decoder), the graph rewrites (`build_graphs` flags) and inductor
+settings. Every variant's package is compiled in its own process, all at once (embedded weights: the
+Qwen-Image VAE architecture, random weights of seed 0, bf16, CUDA). Then, in this process and one after
+another: diffusers' 3-D eager `encode`/`decode` (the baseline users have), each package (CUDA-event median
+of 20 calls after 3 warm-ups), its max abs difference from the fp32 2-D eager graph on the same input,
+the median again with `torch.backends.cudnn.benchmark` on (cuDNN picks convolution algorithms by timing),
+and a torch.profiler kernel table (CUDA time per call by kernel, grouped). Writes DIR/graph_profile.json
+and DIR/graph_profile.md. Needs a CUDA GPU, diffusers and vaebuild importable.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+def use_transposed_upsample(graph):
+    """Candidate: each upsampler (nearest x2, then 3x3 conv, padding 1) as one stride-2 transposed convolution.
+
+    Output row 2i+a sees input rows i-1, i (a=0: taps t0 | t1+t2) or i, i+1 (a=1: t0+t1 | t2), which is
+    `conv_transpose2d(stride=2, padding=1)` with the 4-tap kernel [t2, t1+t2, t0+t1, t0] along each axis.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from vaebuild.single_frame import SubPixelUpsampleConv
+
+    def taps(weight, dim):
+        t0, t1, t2 = weight.unbind(dim)
+        return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
+
+    class TransposedUpsampleConv(SubPixelUpsampleConv):
+        def forward(self, x):
+            conv = self[1]
+            weight = taps(taps(conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32)), 2), 3)
+            return F.conv_transpose2d(x, weight.transpose(0, 1).to(conv.weight.dtype), conv.bias, stride=2, padding=1)
+
+    for module in graph.modules():
+        if isinstance(module, SubPixelUpsampleConv):
+            module.__class__ = TransposedUpsampleConv
+    return graph
+
+
+def use_im2col_conv_in(graph):
+    """Candidate: the encoder's first convolution (3 input channels) as a 1x1 convolution over its 27 taps
+    (padded to 32 channels), instead of a 3x3 convolution that cuDNN runs with channels padded to 8."""
+    import torch
+    import torch.nn.functional as F
+
+    from vaebuild.single_frame import SingleFrameConv
+
+    class Im2colConv(SingleFrameConv):
+        def forward(self, x, cache_x=None):
+            conv = self.conv
+            x = x.squeeze(2)
+            height, width = x.shape[-2:]
+            padded = F.pad(x, (1, 1, 1, 1))
+            columns = torch.cat([padded[:, :, dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], 1)
+            extra = -columns.shape[1] % 8
+            columns = F.pad(columns, (0, 0, 0, 0, 0, extra))
+            weight = F.pad(conv.weight.permute(0, 2, 3, 1).flatten(1), (0, extra))[..., None, None]
+            return F.conv2d(columns, weight, conv.bias).unsqueeze(2)
+
+    conv_in = graph.encoder.conv_in
+    assert conv_in.conv.kernel_size == (3, 3) and conv_in.conv.padding == (1, 1) and conv_in.conv.stride == (1, 1)
+    conv_in.__class__ = Im2colConv
+    return graph
+
+
+# name: (build_graphs flags, candidate rewrite applied to the graph module or None)
+REWRITES = {
+    "sdpa": ({}, None),
+    "attention": ({"fast_attention": True}, None),
+    "subpixel": ({"fast_attention": True, "subpixel_upsample": True}, None),
+    "transposed": ({"fast_attention": True, "subpixel_upsample": True}, use_transposed_upsample),
+    "im2col": ({"fast_attention": True}, use_im2col_conv_in),
+}
+SETTINGS = {
+    "default": {},
+    "coordesc": {"coordinate_descent_tuning": True},
+    "autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
+# name: (graph, rewrites, settings); "<graph>/<rewrites>+<settings>".
+VARIANTS = {
+    f"{graph}/{rewrites}+{settings}": (graph, rewrites, settings)
+    for graph in ("decoder", "encoder")
+    for rewrites in REWRITES
+    for settings in SETTINGS
+}
+DEFAULT_VARIANTS = (
+    "decoder/attention+default,decoder/subpixel+default,decoder/subpixel+coordesc,decoder/subpixel+autotune,"
+    "encoder/attention+default,encoder/attention+coordesc,encoder/attention+autotune"
+)
+CATEGORIES = (  # (category, substrings of kernel names), first match wins
+    ("attention", ("_attention_fwd", "_combine", "fmha", "attention", "flash")),
+    ("layout copies", ("nchwToNhwc", "nhwcToNchw", "Transpose")),
+    ("convolution", ("xmma", "conv", "cudnn", "implicit", "cutlass", "gemm", "sm90")),
+    ("triton fused", ("triton_",)),
+)
+
+
+def make_vae():
+    from vaebuild.model_source import ModelSource, load_vae
+
+    return load_vae(ModelSource(random_init=True, seed=0))
+
+
+def graph_input(graph, width, height, device, dtype, seed=0):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if graph == "encoder":
+        x = torch.rand(1, 3, 1, height, width, generator=generator) * 2 - 1
+    else:
+        x = torch.randn(1, 16, 1, height // 8, width // 8, generator=generator)
+    return x.to(device=device, dtype=dtype)
+
+
+def compile_variant(name, width, height, package_path):
+    """Export and compile one variant's package (runs in a worker process); returns compile seconds."""
+    import torch
+
+    from vaebuild.backends.inductor import package_configs
+    from vaebuild.graphs import build_graphs
+
+    graph, rewrites, settings = VARIANTS[name]
+    start = time.perf_counter()
+    flags, rewrite = REWRITES[rewrites]
+    encoder, decoder = build_graphs(make_vae(), **flags)
+    module = encoder if graph == "encoder" else decoder
+    if rewrite is not None:
+        module = rewrite(module)
+    module = module.to(device="cuda", dtype=torch.bfloat16)
+    x = graph_input(graph, width, height, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        exported = torch.export.export(module, (x,), strict=False)
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(package_path),
+            inductor_configs={**package_configs(embed_weights=True), **SETTINGS[settings]},
+        )
+    return time.perf_counter() - start
+
+
+def median_ms(fn, x, warmup=3, iters=20):
+    import torch
+
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(fn, x, calls=5):
+    """[(kernel, category, launches per call, ms per call)] by time, from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.time_range.elapsed_us() / 1000
+            counts[event.name] += 1
+    rows = [(name, category_of(name), counts[name] / calls, ms / calls) for name, ms in totals.items()]
+    return sorted(rows, key=lambda row: -row[3])
+
+
+def category_of(kernel):
+    for category, needles in CATEGORIES:
+        if any(needle in kernel for needle in needles):
+            return category
+    return "other"
+
+
+def measure(names, packages, width, height):
+    """One record per variant plus the diffusers baselines, all in this process."""
+    import torch
+
+    from vaebuild.backends.inductor import load_package
+    from vaebuild.graphs import build_graphs
+
+    torch.backends.cudnn.allow_tf32 = False  # the reference is true fp32 (cuDNN allows TF32 by default)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    vae = make_vae()
+    reference = dict(zip(("encoder", "decoder"), (g.to("cuda") for g in build_graphs(vae))))  # fp32 2-D eager
+    vae3d = torch.nn.Module.to(vae, device="cuda", dtype=torch.bfloat16).eval()
+    eager = {"encoder": lambda x: vae3d.encode(x).latent_dist.parameters, "decoder": lambda z: vae3d.decode(z).sample}
+    records = []
+    with torch.no_grad():
+        for graph in ("encoder", "decoder"):
+            if not any(VARIANTS[n][0] == graph for n in names):
+                continue
+            x = graph_input(graph, width, height, "cuda", torch.bfloat16)
+            records.append({"variant": f"{graph}/diffusers-eager-3d", "graph": graph, "ms": median_ms(eager[graph], x, iters=10),
+                            "max_abs_vs_fp32": (eager[graph](x).float() - reference[graph](x.float())).abs().max().item()})
+        for name in names:
+            graph = VARIANTS[name][0]
+            x = graph_input(graph, width, height, "cuda", torch.bfloat16)
+            loader = load_package(packages[name], "cuda")
+            run = lambda x, loader=loader: loader.run([x])[0]  # noqa: E731
+            record = {"variant": name, "graph": graph, "ms": median_ms(run, x),
+                      "max_abs_vs_fp32": (run(x).float() - reference[graph](x.float())).abs().max().item()}
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
+                record["ms_cudnn_benchmark"] = median_ms(run, x)
+            table = kernel_table(run, x)
+            record["by_category_ms"] = {c: sum(r[3] for r in table if r[1] == c) for c in sorted({r[1] for r in table})}
+            record["kernels"] = [{"kernel": k, "category": c, "launches": n, "ms": ms} for k, c, n, ms in table]
+            records.append(record)
+            print(f"{name}: {record['ms']:.2f} ms, max abs {record['max_abs_vs_fp32']:.4f}, "
+                  + ", ".join(f"{c} {ms:.2f}" for c, ms in record["by_category_ms"].items()), flush=True)
+            del loader
+    return records
+
+
+def markdown(records, meta):
+    lines = [f"# 2-D graph packages at {meta['size']}: time and kernel profile", "",
+             f"Device: {meta['device']}; torch {meta['torch']}; bf16, batch 1, random weights (seed 0); "
+             "CUDA-event medians; profile = CUDA time per call.", "",
+             "| variant | ms | vs diffusers eager | ms, cudnn.benchmark | max abs vs fp32 2-D | by category (ms) | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    baseline = {r["graph"]: r["ms"] for r in records if r["variant"].endswith("diffusers-eager-3d")}
+    for r in records:
+        categories = ", ".join(f"{c} {ms:.2f}" for c, ms in r.get("by_category_ms", {}).items())
+        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {baseline[r['graph']] / r['ms']:.2f}x | "
+                     f"{r.get('ms_cudnn_benchmark', float('nan')):.2f} | "
+                     f"{r['max_abs_vs_fp32']:.4f} | {categories} | {r.get('compile_s', 0):.0f} |")
+    for r in records:
+        if "kernels" not in r:
+            continue
+        lines += ["", f"## {r['variant']}: top kernels", "", "| ms | launches | category | kernel |", "|---|---|---|---|"]
+        lines += [f"| {k['ms']:.3f} | {k['launches']:g} | {k['category']} | `{k['kernel'][:110]}` |" for k in r["kernels"][:25]]
+    return "\n".join(lines) + "\n"
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1328x1328", help="WIDTHxHEIGHT of the image")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--jobs", type=int, default=8, help="parallel compile processes")
+    parser.add_argument("--compile-only", action="store_true", help="compile the packages and stop (measure later)")
+    parser.add_argument("--reuse", action="store_true", help="keep packages already compiled in OUT/packages")
+    args = parser.parse_args()
+    import torch
+
+    width, height = (int(v) for v in args.size.split("x"))
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    folder = args.out / "packages"
+    folder.mkdir(parents=True, exist_ok=True)
+    packages = {n: folder / (n.replace("/", "_").replace("+", "_") + ".pt2") for n in names}
+    todo = [n for n in names if not (args.reuse and packages[n].is_file())]
+    compile_s = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {n: pool.submit(compile_variant, n, width, height, packages[n]) for n in todo}
+        for n, future in futures.items():
+            compile_s[n] = future.result()
+            print(f"compiled {n} in {compile_s[n]:.0f} s", flush=True)
+    (args.out / "compile_seconds.json").write_text(json.dumps(
+        {**_read_json(args.out / "compile_seconds.json"), **compile_s}, indent=1))
+    if args.compile_only:
+        return
+    compile_s = _read_json(args.out / "compile_seconds.json")
+    records = measure(names, packages, width, height)
+    for r in records:
+        r["compile_s"] = compile_s.get(r["variant"], 0.0)
+    meta = {"size": args.size, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    (args.out / "graph_profile.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    (args.out / "graph_profile.md").write_text(markdown(records, meta))
+    print(markdown(records, meta).split("\n## ")[0])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

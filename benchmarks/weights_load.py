@@ -1,0 +1,63 @@
+"""What loading a folder's shared weights costs a fresh process (issue 14: the 1328x1328 pair in <= 100 ms).
+
+    python benchmarks/weights_load.py DIR [--runs 5] [--device cuda]
+
+Writes DIR/weights.safetensors (the full-size Qwen-Image VAE's 2-D graph weights in bf16, random
+weights of seed 0) unless it is there, then runs `FolderWeights(...).tensors(device)` (read, chunk
+hashes checked, one device copy) in `--runs` fresh processes, each after `import torch` and CUDA
+initialisation, with the file in the page cache, and prints each time, the median and a plain file
+read for comparison.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import json, sys, time, torch
+from vaebuild.weights_file import FolderWeights
+folder, device = sys.argv[1], sys.argv[2]
+if device.startswith("cuda"):
+    torch.zeros(1, device=device); torch.cuda.synchronize()
+record = json.load(open(folder + "/record.json"))
+start = time.perf_counter()
+with open(folder + "/" + record["path"], "rb") as f:
+    f.read()
+read = time.perf_counter() - start
+start = time.perf_counter()
+FolderWeights(folder, record).tensors(device)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+print(json.dumps({"load_ms": 1e3 * (time.perf_counter() - start), "plain_read_ms": 1e3 * read}))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    if not (args.folder / "record.json").is_file():
+        import torch
+
+        from vaebuild.graphs import build_graphs
+        from vaebuild.model_source import ModelSource, load_vae
+        from vaebuild.weights_file import WEIGHTS_NAME, write_weights_file
+
+        graphs = [g.to(torch.bfloat16) for g in build_graphs(load_vae(ModelSource(random_init=True)))]
+        record = write_weights_file(args.folder / WEIGHTS_NAME, graphs)
+        (args.folder / "record.json").write_text(json.dumps(record))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CHILD, str(args.folder), args.device], check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(args.runs)]
+    for run in runs:
+        print(f"load {run['load_ms']:.1f} ms (plain read of the file: {run['plain_read_ms']:.1f} ms)")
+    print(f"median load {statistics.median(r['load_ms'] for r in runs):.1f} ms over {len(runs)} fresh processes")
+
+
+if __name__ == "__main__":
+    main()
