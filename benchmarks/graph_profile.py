@@ -23,71 +23,17 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-def use_transposed_upsample(graph):
-    """Candidate: each upsampler (nearest x2, then 3x3 conv, padding 1) as one stride-2 transposed convolution.
-
-    Output row 2i+a sees input rows i-1, i (a=0: taps t0 | t1+t2) or i, i+1 (a=1: t0+t1 | t2), which is
-    `conv_transpose2d(stride=2, padding=1)` with the 4-tap kernel [t2, t1+t2, t0+t1, t0] along each axis.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from vaebuild.single_frame import SubPixelUpsampleConv
-
-    def taps(weight, dim):
-        t0, t1, t2 = weight.unbind(dim)
-        return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
-
-    class TransposedUpsampleConv(SubPixelUpsampleConv):
-        def forward(self, x):
-            conv = self[1]
-            weight = taps(taps(conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32)), 2), 3)
-            return F.conv_transpose2d(x, weight.transpose(0, 1).to(conv.weight.dtype), conv.bias, stride=2, padding=1)
-
-    for module in graph.modules():
-        if isinstance(module, SubPixelUpsampleConv):
-            module.__class__ = TransposedUpsampleConv
-    return graph
-
-
-def use_im2col_conv_in(graph):
-    """Candidate: the encoder's first convolution (3 input channels) as a 1x1 convolution over its 27 taps
-    (padded to 32 channels), instead of a 3x3 convolution that cuDNN runs with channels padded to 8."""
-    import torch
-    import torch.nn.functional as F
-
-    from vaebuild.single_frame import SingleFrameConv
-
-    class Im2colConv(SingleFrameConv):
-        def forward(self, x, cache_x=None):
-            conv = self.conv
-            x = x.squeeze(2)
-            height, width = x.shape[-2:]
-            padded = F.pad(x, (1, 1, 1, 1))
-            columns = torch.cat([padded[:, :, dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], 1)
-            extra = -columns.shape[1] % 8
-            columns = F.pad(columns, (0, 0, 0, 0, 0, extra))
-            weight = F.pad(conv.weight.permute(0, 2, 3, 1).flatten(1), (0, extra))[..., None, None]
-            return F.conv2d(columns, weight, conv.bias).unsqueeze(2)
-
-    conv_in = graph.encoder.conv_in
-    assert conv_in.conv.kernel_size == (3, 3) and conv_in.conv.padding == (1, 1) and conv_in.conv.stride == (1, 1)
-    conv_in.__class__ = Im2colConv
-    return graph
-
-
-# name: (build_graphs flags, candidate rewrite applied to the graph module or None)
+# name: build_graphs flags. "shipped" is what inductor packages compile (with SETTINGS["shipped"]).
 REWRITES = {
-    "sdpa": ({}, None),
-    "attention": ({"fast_attention": True}, None),
-    "subpixel": ({"fast_attention": True, "subpixel_upsample": True}, None),
-    "transposed": ({"fast_attention": True, "subpixel_upsample": True}, use_transposed_upsample),
-    "im2col": ({"fast_attention": True}, use_im2col_conv_in),
+    "sdpa": {},
+    "attention": {"fast_attention": True},
+    "shipped": {"fast_attention": True, "conv_rewrites": True},
 }
-SETTINGS = {
-    "default": {},
-    "coordesc": {"coordinate_descent_tuning": True},
-    "autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedded weights)
+    "default": {"coordinate_descent_tuning": False},
+    "shipped": {},
+    "autotune": {"max_autotune": True},
+    "atenautotune": {"max_autotune": True, "max_autotune_conv_backends": "ATEN"},
 }
 # name: (graph, rewrites, settings); "<graph>/<rewrites>+<settings>".
 VARIANTS = {
@@ -96,15 +42,12 @@ VARIANTS = {
     for rewrites in REWRITES
     for settings in SETTINGS
 }
-DEFAULT_VARIANTS = (
-    "decoder/attention+default,decoder/subpixel+default,decoder/subpixel+coordesc,decoder/subpixel+autotune,"
-    "encoder/attention+default,encoder/attention+coordesc,encoder/attention+autotune"
-)
-CATEGORIES = (  # (category, substrings of kernel names), first match wins
-    ("attention", ("_attention_fwd", "_combine", "fmha", "attention", "flash")),
-    ("layout copies", ("nchwToNhwc", "nhwcToNchw", "Transpose")),
-    ("convolution", ("xmma", "conv", "cudnn", "implicit", "cutlass", "gemm", "sm90")),
+DEFAULT_VARIANTS = "decoder/attention+default,decoder/shipped+shipped,encoder/attention+default,encoder/shipped+shipped"
+CATEGORIES = (  # (category, kernel name prefixes or substrings), first match wins
+    ("attention", ("_attention_fwd", "_combine", "fmha", "flash")),
+    ("triton conv/mm template", ("triton_tem",)),
     ("triton fused", ("triton_",)),
+    ("cuDNN/cuBLAS conv/gemm", ("xmma", "cutlass", "cudnn", "nvjet", "gemm")),
 )
 
 
@@ -134,18 +77,14 @@ def compile_variant(name, width, height, package_path):
 
     graph, rewrites, settings = VARIANTS[name]
     start = time.perf_counter()
-    flags, rewrite = REWRITES[rewrites]
-    encoder, decoder = build_graphs(make_vae(), **flags)
-    module = encoder if graph == "encoder" else decoder
-    if rewrite is not None:
-        module = rewrite(module)
-    module = module.to(device="cuda", dtype=torch.bfloat16)
+    encoder, decoder = build_graphs(make_vae(), **REWRITES[rewrites])
+    module = (encoder if graph == "encoder" else decoder).to(device="cuda", dtype=torch.bfloat16)
     x = graph_input(graph, width, height, "cuda", torch.bfloat16)
     with torch.no_grad():
         exported = torch.export.export(module, (x,), strict=False)
         torch._inductor.aoti_compile_and_package(
             exported, package_path=str(package_path),
-            inductor_configs={**package_configs(embed_weights=True), **SETTINGS[settings]},
+            inductor_configs={**package_configs(True, "cuda"), **SETTINGS[settings]},
         )
     return time.perf_counter() - start
 
@@ -188,7 +127,7 @@ def kernel_table(fn, x, calls=5):
 
 def category_of(kernel):
     for category, needles in CATEGORIES:
-        if any(needle in kernel for needle in needles):
+        if any(kernel.startswith(needle) if needle.startswith("triton") else needle in kernel for needle in needles):
             return category
     return "other"
 

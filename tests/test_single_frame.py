@@ -12,7 +12,7 @@ from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
 from conftest import make_tiny_vae
 from vaebuild.graphs import build_graphs
 from vaebuild.model_source import ModelSource, load_vae
-from vaebuild.single_frame import NearestUpsample2x, SingleFrameConv, SubPixelUpsampleConv, fold_single_frame
+from vaebuild.single_frame import NearestUpsample2x, SingleFrameConv, TapsConv, TransposedUpsampleConv, fold_single_frame
 
 # (kernel_size, stride, padding) of every causal-conv shape the rewrite must handle.
 CONV_CASES = {
@@ -64,26 +64,47 @@ def test_nearest_upsample_equals_qwen_upsample(size, dtype):
 
 
 @pytest.mark.parametrize("size", [(8, 12), (7, 9), (1, 5), (1, 1)], ids=["even", "odd", "one_row", "one_pixel"])
-def test_subpixel_upsample_conv_equals_upsample_then_conv(size):
+def test_transposed_upsample_conv_equals_upsample_then_conv(size):
     torch.manual_seed(0)
     # float64 throughout (QwenImageUpsample would round to float32): the rewrite is exact up to summation order.
     resample = torch.nn.Sequential(
         torch.nn.Upsample(scale_factor=2, mode="nearest-exact"), torch.nn.Conv2d(6, 5, 3, padding=1)
     ).double()
-    subpixel = SubPixelUpsampleConv(resample)
+    rewritten = TransposedUpsampleConv(resample)
     x = torch.randn(2, 6, *size, generator=_generator(), dtype=torch.float64)
     with torch.no_grad():
         expected = resample(x)
-        actual = subpixel(x)
+        actual = rewritten(x)
     assert actual.shape == expected.shape == (2, 5, 2 * size[0], 2 * size[1])
     assert (actual - expected).abs().max().item() < 1e-12
-    assert subpixel.state_dict().keys() == resample.state_dict().keys() == {"1.weight", "1.bias"}
+    assert rewritten.state_dict().keys() == resample.state_dict().keys() == {"1.weight", "1.bias"}
 
 
-def test_subpixel_upsample_conv_rejects_other_convolutions():
+def test_transposed_upsample_conv_rejects_other_convolutions():
     resample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(4, 4, 5, padding=2))
     with pytest.raises(ValueError, match="only 3x3"):
-        SubPixelUpsampleConv(resample)
+        TransposedUpsampleConv(resample)
+
+
+@pytest.mark.parametrize("case", ["k3_p1", "k1_p0", "k331_p110_asymmetric", "k135_p012_asymmetric"])
+def test_taps_conv_equals_causal_conv3d(case):
+    kernel, stride, padding = CONV_CASES[case]
+    torch.manual_seed(0)
+    conv3d = QwenImageCausalConv3d(3, 7, kernel, stride=stride, padding=padding).double().eval()
+    x = torch.randn(2, 3, 1, 11, 13, generator=_generator(), dtype=torch.float64)
+    rewritten = TapsConv(conv3d)
+    with torch.no_grad():
+        expected = conv3d(x)
+        actual = rewritten(x)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() < 1e-12
+    assert rewritten.state_dict().keys() == SingleFrameConv(conv3d).state_dict().keys()
+
+
+def test_taps_conv_rejects_strided_convolutions():
+    conv3d = QwenImageCausalConv3d(3, 4, 3, stride=(1, 2, 2), padding=1)
+    with pytest.raises(ValueError, match="only stride 1"):
+        TapsConv(conv3d)
 
 
 def test_fold_returns_new_model_without_mutating_input(tiny_vae):
@@ -113,11 +134,11 @@ def test_fold_returns_new_model_without_mutating_input(tiny_vae):
 
 
 # build_graphs keyword arguments: diffusers' modules, the 2-D rewrite (ONNX export), the 2-D rewrite with
-# the PyTorch-only sub-pixel upsampling (inductor packages).
+# the PyTorch-only convolution rewrites (inductor packages).
 GRAPH_VARIANTS = {
     "unfolded": {"fold": False},
     "folded": {"fold": True},
-    "folded_subpixel": {"fold": True, "subpixel_upsample": True},
+    "folded_conv_rewrites": {"fold": True, "conv_rewrites": True},
 }
 
 
@@ -177,4 +198,4 @@ def test_default_architecture_graphs_equal_diffusers_encode_decode():
     vae = load_vae(ModelSource(random_init=True))
     assert sum(p.numel() for p in vae.parameters()) == pytest.approx(126.9e6, rel=1e-3)
     _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded")
-    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded_subpixel")
+    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded_conv_rewrites")

@@ -7,9 +7,10 @@ The temporal `time_conv` layers of the resamplers only run from the second frame
 rewrite drops them. `nearest-exact` upsampling at scale 2 equals `nearest` (exact for integer
 scales), which every ONNX exporter and TensorRT support.
 
-For the graphs PyTorch runs (AOTInductor packages), `subpixel_upsample=True` also computes each
-"nearest x2 upsample, then 3x3 convolution" pair on the low-resolution grid (`SubPixelUpsampleConv`):
-4/9 of the convolution's multiply-adds and no 4x-sized upsampled tensor.
+For the graphs PyTorch runs (AOTInductor packages), `conv_rewrites=True` also turns each "nearest x2
+upsample, then 3x3 convolution" pair into one stride-2 transposed convolution (`TransposedUpsampleConv`:
+4/9 of the multiply-adds, no 4x-sized upsampled tensor) and the convolution of the RGB input into a 1x1
+convolution over its taps (`TapsConv`). Both are exact up to float summation order.
 
 `fold_single_frame` returns a new model and never mutates its input. tests/test_single_frame.py
 proves the rewrite equal to diffusers' own `encode()`/`decode()`.
@@ -57,21 +58,24 @@ class NearestUpsample2x(nn.Module):
         return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").type_as(x)
 
 
-def _phase_taps(weight, dim):
-    """The two 2-tap kernels that a 3-tap kernel along `dim` becomes behind a nearest x2 upsample.
+def _transposed_taps(weight, dim):
+    """The 4-tap kernel that a 3-tap kernel (t0, t1, t2) along `dim` becomes behind a nearest x2 upsample.
 
-    Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps t0 | t1 + t2);
-    output row 2i+1 reads 2i, 2i+1, 2i+2 = input rows i, i, i+1 (taps t0 + t1 | t2).
+    Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps t0 | t1 + t2); output
+    row 2i+1 reads 2i, 2i+1, 2i+2 = input rows i, i, i+1 (taps t0 + t1 | t2). A stride-2 transposed
+    convolution with padding 1 gives output row p the input rows i with kernel index p + 1 - 2i, so its
+    kernel is [t2, t1 + t2, t0 + t1, t0].
     """
     t0, t1, t2 = weight.unbind(dim)
-    return torch.stack((t0, t1 + t2), dim), torch.stack((t0 + t1, t2), dim)
+    return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
 
 
-class SubPixelUpsampleConv(nn.Sequential):
-    """diffusers' upsample2d `resample` (nearest x2 upsample, then a 3x3 conv with padding 1) computed on
-    the input grid: one 2x2 convolution with four output phases (2i+a, 2j+b) stacked as channels,
-    then interleaved. Same submodules and state-dict names (`0` the upsampler, `1` the conv); the phase
-    kernels are sums of the conv's taps (in float32 at least), which AOTInductor folds once at load time.
+class TransposedUpsampleConv(nn.Sequential):
+    """diffusers' upsample2d `resample` (nearest x2 upsample, then a 3x3 conv with padding 1) as one stride-2
+    transposed convolution with a 4x4 kernel: 4/9 of the multiply-adds and no 4x-sized upsampled tensor.
+
+    Same submodules and state-dict names (`0` the upsampler, unused; `1` the conv); the 4x4 kernel is
+    summed from the conv's taps in float32 (at least), which AOTInductor folds once, at load time.
     """
 
     def __init__(self, resample):
@@ -83,24 +87,44 @@ class SubPixelUpsampleConv(nn.Sequential):
     def forward(self, x):
         conv = self[1]
         weight = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))
-        kernels = [column for row in _phase_taps(weight, 2) for column in _phase_taps(row, 3)]
-        weight = torch.cat(kernels).to(conv.weight.dtype)  # [(a, b, out), in, 2, 2]
-        bias = conv.bias.repeat(4) if conv.bias is not None else None
-        phases = F.conv2d(x, weight, bias, padding=1)  # phase (a, b) at (i, j) is phases[..., i + a, j + b]
-        batch, _, height, width = x.shape
-        phases = phases.unflatten(1, (2, 2, conv.out_channels))
-        rows = [
-            torch.stack([phases[:, a, b, :, a:a + height, b:b + width] for b in (0, 1)], dim=-1) for a in (0, 1)
-        ]
-        return torch.stack(rows, dim=3).reshape(batch, conv.out_channels, 2 * height, 2 * width)
+        weight = _transposed_taps(_transposed_taps(weight, 2), 3).transpose(0, 1).to(conv.weight.dtype)
+        return F.conv_transpose2d(x, weight, conv.bias, stride=2, padding=1)
 
 
-def fold_single_frame(vae, fast_attention=False, subpixel_upsample=False):
+class TapsConv(SingleFrameConv):
+    """A `SingleFrameConv` with few input channels (the encoder's first, on RGB) as a 1x1 convolution over its
+    kernel taps: cuDNN runs a 3x3 convolution of 3 channels with the channels padded to 8 on a slow path
+    (0.57 ms at 1328x1328 on the H100), a 1x1 over 27 taps padded to 32 at memory speed."""
+
+    def __init__(self, conv3d):
+        super().__init__(conv3d)
+        conv = self.conv
+        if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"unexpected convolution {conv}; only stride 1, dilation 1, one group is rewritten")
+
+    def forward(self, x, cache_x=None):
+        conv = self.conv
+        x = x.squeeze(2)
+        (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+        height, width = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
+        padded = F.pad(x, (pw, pw, ph, ph))
+        taps = torch.cat([padded[:, :, dy:dy + height, dx:dx + width] for dy in range(kh) for dx in range(kw)], 1)
+        extra = -taps.shape[1] % 8
+        taps = F.pad(taps, (0, 0, 0, 0, 0, extra))
+        weight = F.pad(conv.weight.permute(0, 2, 3, 1).flatten(1), (0, extra))[..., None, None]
+        return F.conv2d(taps, weight, conv.bias).unsqueeze(2)
+
+
+TAPS_CONV_MAX_CHANNELS = 4  # input channels up to which a convolution runs as `TapsConv` (RGB images)
+
+
+def fold_single_frame(vae, fast_attention=False, conv_rewrites=False):
     """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
 
     `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
-    `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `subpixel_upsample=True` computes
-    each upsampler's convolution on the input grid (`SubPixelUpsampleConv`). ONNX export uses neither.
+    `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `conv_rewrites=True` runs each
+    upsampler as `TransposedUpsampleConv` and convolutions of RGB input as `TapsConv`. ONNX export
+    uses neither (TensorRT picks its own kernels).
     """
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
         QwenImageAttentionBlock,
@@ -113,14 +137,15 @@ def fold_single_frame(vae, fast_attention=False, subpixel_upsample=False):
     for module in list(folded.modules()):
         if isinstance(module, QwenImageResample) and hasattr(module, "time_conv"):
             del module.time_conv
-    if subpixel_upsample:
+    if conv_rewrites:
         for module in list(folded.modules()):
             if isinstance(module, QwenImageResample) and module.mode in ("upsample2d", "upsample3d"):
-                module.resample = SubPixelUpsampleConv(module.resample)
+                module.resample = TransposedUpsampleConv(module.resample)
     for parent in list(folded.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, QwenImageCausalConv3d):
-                setattr(parent, name, SingleFrameConv(child))
+                rgb = conv_rewrites and child.in_channels <= TAPS_CONV_MAX_CHANNELS
+                setattr(parent, name, TapsConv(child) if rgb else SingleFrameConv(child))
             elif isinstance(child, QwenImageUpsample):
                 if child.scale_factor != (2.0, 2.0) or child.mode != "nearest-exact":
                     raise ValueError(f"unexpected upsampler {child}; only nearest-exact x2 is folded")

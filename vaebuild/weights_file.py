@@ -10,6 +10,8 @@ differs, loads it to a device once and hands the same tensors to every package.
 import hashlib
 import json
 import logging
+import mmap
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -69,22 +71,22 @@ def read_to_device(path, device, check=None):
 
     Compiled kernels assume aligned constants (views at the file's packed offsets gave CUDA
     "misaligned address" errors), so each tensor gets its own aligned slot. The file is read once
-    into uninitialised host memory and copied to the device in one transfer; the slots are filled on
-    the device. `check(data, pool)`, if given, runs on the file's bytes in a thread pool meanwhile,
+    mapped (populated at once: a `read()` into a buffer cost 60 ms for the 89 MB file on the H100
+    host) and copied to the device in one transfer; the slots are filled on the device. `check(data, pool)`, if given, runs on the file's bytes in a thread pool meanwhile,
     and raises to refuse the file.
     """
     import torch
 
     path = Path(path)
-    host = torch.empty(path.stat().st_size, dtype=torch.uint8)
-    data = memoryview(host.numpy())
-    with open(path, "rb", buffering=0) as f:
-        filled = 0
-        while filled < len(data):
-            n = f.readinto(data[filled:])
-            if not n:
-                raise UserInputError(f"{path} ended after {filled} of {len(data)} bytes while being read; rebuild the folder")
-            filled += n
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise UserInputError(f"{path} is {size} bytes, too short for a safetensors file; rebuild the folder")
+        # Private, writable (copy-on-write, never written) and populated up front: no read() copy of the file.
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    data = memoryview(mapped)
+    host = torch.frombuffer(mapped, dtype=torch.uint8)
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
     header.pop("__metadata__", None)
