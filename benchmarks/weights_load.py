@@ -5,8 +5,8 @@
 Writes DIR/weights.safetensors (the full-size Qwen-Image VAE's 2-D graph weights in bf16, random
 weights of seed 0) unless it is there, then runs `FolderWeights(...).tensors(device)` (read, chunk
 hashes checked, one device copy) in `--runs` fresh processes, each after `import torch` and CUDA
-initialisation, with the file in the page cache, and prints each time, the median and a plain file
-read for comparison.
+initialisation, with the file in the page cache, and prints each time, the GPU memory it holds
+(`mem_get_info` delta), the median, and a plain file read for comparison.
 """
 
 import argparse
@@ -20,8 +20,10 @@ CHILD = """
 import json, sys, time, torch
 from vaebuild.weights_file import FolderWeights
 folder, device = sys.argv[1], sys.argv[2]
+free = None
 if device.startswith("cuda"):
     torch.zeros(1, device=device); torch.cuda.synchronize()
+    free = torch.cuda.mem_get_info()[0]
 record = json.load(open(folder + "/record.json"))
 start = time.perf_counter()
 with open(folder + "/" + record["path"], "rb") as f:
@@ -31,7 +33,9 @@ start = time.perf_counter()
 FolderWeights(folder, record).tensors(device)
 if device.startswith("cuda"):
     torch.cuda.synchronize()
-print(json.dumps({"load_ms": 1e3 * (time.perf_counter() - start), "plain_read_ms": 1e3 * read}))
+load = time.perf_counter() - start
+held = (free - torch.cuda.mem_get_info()[0]) / 2**20 if free is not None else None
+print(json.dumps({"load_ms": 1e3 * load, "plain_read_ms": 1e3 * read, "gpu_mb_held": held}))
 """
 
 
@@ -55,7 +59,8 @@ def main():
     runs = [json.loads(subprocess.run([sys.executable, "-c", CHILD, str(args.folder), args.device], check=True,
                                       capture_output=True, text=True).stdout) for _ in range(args.runs)]
     for run in runs:
-        print(f"load {run['load_ms']:.1f} ms (plain read of the file: {run['plain_read_ms']:.1f} ms)")
+        print(f"load {run['load_ms']:.1f} ms, GPU MB held {run['gpu_mb_held']} (plain read of the file: "
+              f"{run['plain_read_ms']:.1f} ms)")
     print(f"median load {statistics.median(r['load_ms'] for r in runs):.1f} ms over {len(runs)} fresh processes")
 
 
