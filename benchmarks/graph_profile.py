@@ -27,7 +27,8 @@ from pathlib import Path
 REWRITES = {
     "sdpa": {},
     "attention": {"fast_attention": True},
-    "shipped": {"fast_attention": True, "conv_rewrites": True},
+    "convs": {"fast_attention": True, "conv_rewrites": True},
+    "shipped": {"fast_attention": True, "conv_rewrites": True, "channels_last_norms": True},
 }
 SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedded weights)
     "default": {"coordinate_descent_tuning": False},
