@@ -27,8 +27,7 @@ from pathlib import Path
 REWRITES = {
     "sdpa": {},
     "attention": {"fast_attention": True},
-    "convs": {"fast_attention": True, "conv_rewrites": True},
-    "shipped": {"fast_attention": True, "conv_rewrites": True, "channels_last_norms": True},
+    "shipped": {"fast_attention": True, "conv_rewrites": True},
 }
 SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedded weights)
     "default": {"coordinate_descent_tuning": False},

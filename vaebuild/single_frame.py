@@ -115,45 +115,21 @@ class TapsConv(SingleFrameConv):
         return F.conv2d(taps, weight, conv.bias).unsqueeze(2)
 
 
-class ChannelsLastRMSNorm(nn.Module):
-    """diffusers' channel-first `QwenImageRMS_norm` with its channel reduction written over the last axis of a
-    channels-last view (`movedim(1, -1)`), so that inductor compiles it as an inner reduction: one read of
-    the tensor instead of two (its persistent-reduction limit is 1024 channels there, 64 otherwise).
-    Same parameters and state-dict names; `x / max(||x||, 1e-12)` as `F.normalize` computes it."""
-
-    def __init__(self, norm):
-        super().__init__()
-        if not norm.channel_first:
-            raise ValueError("only channel-first RMS norms are rewritten")
-        self.scale = norm.scale
-        self.gamma = norm.gamma
-        self.bias = norm.bias
-
-    def forward(self, x):
-        last = x.movedim(1, -1)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            last = last.float()
-        normalized = (last / torch.linalg.vector_norm(last, dim=-1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
-        return normalized.movedim(-1, 1) * self.scale * self.gamma + self.bias
-
-
 TAPS_CONV_MAX_CHANNELS = 4  # input channels up to which a convolution runs as `TapsConv` (RGB images)
 
 
-def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, channels_last_norms=False):
+def fold_single_frame(vae, fast_attention=False, conv_rewrites=False):
     """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
 
     `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
     `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `conv_rewrites=True` runs each
-    upsampler as `TransposedUpsampleConv` and convolutions of RGB input as `TapsConv`;
-    `channels_last_norms=True` computes each RMS norm as `ChannelsLastRMSNorm`. ONNX export uses none
-    of these (TensorRT picks its own kernels).
+    upsampler as `TransposedUpsampleConv` and convolutions of RGB input as `TapsConv`. ONNX export
+    uses neither (TensorRT picks its own kernels).
     """
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
         QwenImageAttentionBlock,
         QwenImageCausalConv3d,
         QwenImageResample,
-        QwenImageRMS_norm,
         QwenImageUpsample,
     )
 
@@ -174,8 +150,6 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, channels_l
                 if child.scale_factor != (2.0, 2.0) or child.mode != "nearest-exact":
                     raise ValueError(f"unexpected upsampler {child}; only nearest-exact x2 is folded")
                 setattr(parent, name, NearestUpsample2x())
-            elif channels_last_norms and isinstance(child, QwenImageRMS_norm):
-                setattr(parent, name, ChannelsLastRMSNorm(child))
             elif fast_attention and isinstance(child, QwenImageAttentionBlock):
                 setattr(parent, name, FastAttentionBlock(child))
     return folded

@@ -125,7 +125,7 @@ def compile_package(request) -> EngineInfo:
     # Convolution rewrites (any shape): the upsamplers at 4/9 of their multiply-adds, the RGB convolution as 1x1.
     module = build_graph_modules_from_weights(
         request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"],
-        conv_rewrites=True, channels_last_norms=True,
+        conv_rewrites=True,
     )[request["graph"]]
     dtype = next(module.parameters()).dtype
     example, dynamic_shapes = export_shapes(request["input_name"], request["profiles"], request["spatial_multiple"])
