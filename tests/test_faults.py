@@ -69,6 +69,16 @@ def vaebuild_process(*args, **popen_kwargs):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen_kwargs)
 
 
+def sigint_as_in_a_shell():
+    """In the child before exec: SIGINT unblocked and at its default action, as a shell starts a command.
+
+    A child inherits its parent's signal mask and ignored signals; earlier tests in the same pytest
+    process (compile worker pools) can leave SIGINT blocked, and the child would then never see it.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_vaebuild(*args, timeout=120, **popen_kwargs):
     """Run `vaebuild ARGS` to the end; return (exit code, stdout, stderr)."""
     process = vaebuild_process(*args, **popen_kwargs)
@@ -312,7 +322,8 @@ def test_sigint_during_a_build_exits_130_and_lists_only_finished_engines(tiny_on
     spec.write_text("kind: static\nmax_side: 128\nprofiles:\n" + "".join(
         f'  - {{name: "s{i}", height: {h}, width: {w}, batch: 1}}\n' for i, (h, w) in enumerate(sizes)))
     out = tmp_path / "out"
-    process = vaebuild_process(*static_args(tiny_onnx_dir, spec, out, ",".join(f"s{i}" for i in range(12))))
+    process = vaebuild_process(*static_args(tiny_onnx_dir, spec, out, ",".join(f"s{i}" for i in range(12))),
+                               preexec_fn=sigint_as_in_a_shell)
     for line in process.stdout:
         if line.startswith("[2/24]"):  # the first engine is built and listed
             break

@@ -232,6 +232,26 @@ def test_tampered_or_renamed_weights_are_refused_with_one_line(static_copy, tiny
         VaeRuntime(static_copy, device="cpu", weights=other, resident="lazy").weights.tensors("cpu")
 
 
+def test_a_weights_file_too_short_is_refused_with_one_line(tmp_path):
+    from vaebuild.weights_file import read_to_device
+
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"abc")
+    with pytest.raises(UserInputError, match="is 3 bytes, too short for a safetensors file; rebuild the folder"):
+        read_to_device(path, "cpu")
+
+
+def test_cuda_packages_are_coordinate_descent_tuned_and_cpu_packages_not():
+    from vaebuild.backends.inductor import package_configs
+
+    assert package_configs(False, "cuda") == {
+        "coordinate_descent_tuning": True,
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.use_runtime_constant_folding": True,
+    }
+    assert package_configs(True, "cpu") == {"aot_inductor.package_constants_in_so": True}
+
+
 def test_other_weights_of_the_same_architecture_can_be_used(static_dir, tiny_vae, tmp_path):
     from conftest import make_tiny_vae
 
