@@ -89,20 +89,13 @@ def compile_variant(name, width, height, package_path):
     return time.perf_counter() - start
 
 
-def median_ms(fn, x, warmup=3, iters=20):
+def median_ms(fn, x, warmup=3, runs=20):
+    """CUDA-event median of `runs` calls of `fn(x)` after `warmup` ones (`vaebuild bench`'s timer)."""
     import torch
 
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from vaebuild.bench import time_calls
+
+    return statistics.median(time_calls(lambda: fn(x), torch.device("cuda"), warmup, runs))
 
 
 def kernel_table(fn, x, calls=5):
@@ -151,7 +144,7 @@ def measure(names, packages, width, height):
             if not any(VARIANTS[n][0] == graph for n in names):
                 continue
             x = graph_input(graph, width, height, "cuda", torch.bfloat16)
-            records.append({"variant": f"{graph}/diffusers-eager-3d", "graph": graph, "ms": median_ms(eager[graph], x, iters=10),
+            records.append({"variant": f"{graph}/diffusers-eager-3d", "graph": graph, "ms": median_ms(eager[graph], x, runs=10),
                             "max_abs_vs_fp32": (eager[graph](x).float() - reference[graph](x.float())).abs().max().item()})
         for name in names:
             graph = VARIANTS[name][0]

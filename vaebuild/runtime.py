@@ -22,8 +22,9 @@ Residency: `resident="all"` (the default for folders of AOTInductor packages) lo
 the runtime is created, so switching resolutions costs nothing; `"lazy"` (the default otherwise)
 loads an engine on its first use. Either way `memory_budget` (bytes, None: no limit) bounds what stays
 loaded: before a load, the least recently used engines are released until the new one fits (each
-engine's size is measured at its load: the CUDA free-memory drop, on a CPU the file size). A load that runs out of memory releases every other engine and is tried once
-more. `load_seconds` and `engine_bytes` record each load.
+engine's size is measured at its load: the CUDA free-memory drop, on a CPU the file size). A load that
+runs out of memory releases every other engine and is tried once more. `load_seconds` and
+`engine_bytes` record each load.
 
 Shared weights: weight-free packages (inductor builds without `--embed-weights`) take their constants
 from the folder's `weights.safetensors`, loaded to the device once (hash checked against the manifest)
