@@ -2,13 +2,14 @@
 
     python benchmarks/graph_profile.py --size 1328x1328 --out DIR [--variants a,b] [--jobs 8] [--compile-only | --reuse]
 
-A variant is a graph (encoder or decoder), the graph rewrites (`build_graphs` flags) and inductor
-settings. Every variant's package is compiled in its own process, all at once (embedded weights: the
+A variant is a graph (encoder or decoder), the graph rewrites (`build_graphs` flags and the weights'
+layout) and inductor settings. Every variant's package is compiled in its own process, all at once (embedded weights: the
 Qwen-Image VAE architecture, random weights of seed 0, bf16, CUDA). Then, in this process and one after
 another: diffusers' 3-D eager `encode`/`decode` (the baseline users have), each package (CUDA-event median
 of 20 calls after 3 warm-ups), its max abs difference from the fp32 2-D eager graph on the same input,
 the median again with `torch.backends.cudnn.benchmark` on (cuDNN picks convolution algorithms by timing),
-and a torch.profiler kernel table (CUDA time per call by kernel, grouped). Writes DIR/graph_profile.json
+the median of CUDA-graph replays (a second, single-threaded loader of the package, captured once; then the
+plain median again, for the spread), and a torch.profiler kernel table (CUDA time per call by kernel, grouped). Writes DIR/graph_profile.json
 and DIR/graph_profile.md. Needs a CUDA GPU, diffusers and vaebuild importable.
 """
 
@@ -23,11 +24,15 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-# name: build_graphs flags. "shipped" is what inductor packages compile (with SETTINGS["shipped"]).
+import torch
+
+# name: (build_graphs flags, convolution weights channels-last). "shipped" is what inductor packages compile
+# (with SETTINGS["shipped"]); "rewrites" is it with contiguous weights.
 REWRITES = {
-    "sdpa": {},
-    "attention": {"fast_attention": True},
-    "shipped": {"fast_attention": True, "conv_rewrites": True},
+    "sdpa": ({}, False),
+    "attention": ({"fast_attention": True}, False),
+    "rewrites": ({"fast_attention": True, "conv_rewrites": True}, False),
+    "shipped": ({"fast_attention": True, "conv_rewrites": True}, True),
 }
 SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedded weights)
     "default": {"coordinate_descent_tuning": False},
@@ -58,7 +63,6 @@ def make_vae():
 
 
 def graph_input(graph, width, height, device, dtype, seed=0):
-    import torch
 
     generator = torch.Generator().manual_seed(seed)
     if graph == "encoder":
@@ -70,15 +74,17 @@ def graph_input(graph, width, height, device, dtype, seed=0):
 
 def compile_variant(name, width, height, package_path):
     """Export and compile one variant's package (runs in a worker process); returns compile seconds."""
-    import torch
 
     from vaebuild.backends.inductor import package_configs
     from vaebuild.graphs import build_graphs
 
     graph, rewrites, settings = VARIANTS[name]
+    flags, channels_last = REWRITES[rewrites]
     start = time.perf_counter()
-    encoder, decoder = build_graphs(make_vae(), **REWRITES[rewrites])
+    encoder, decoder = build_graphs(make_vae(), **flags)
     module = (encoder if graph == "encoder" else decoder).to(device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
     x = graph_input(graph, width, height, "cuda", torch.bfloat16)
     with torch.no_grad():
         exported = torch.export.export(module, (x,), strict=False)
@@ -91,16 +97,38 @@ def compile_variant(name, width, height, package_path):
 
 def median_ms(fn, x, warmup=3, runs=20):
     """CUDA-event median of `runs` calls of `fn(x)` after `warmup` ones (`vaebuild bench`'s timer)."""
-    import torch
 
     from vaebuild.bench import time_calls
 
     return statistics.median(time_calls(lambda: fn(x), torch.device("cuda"), warmup, runs))
 
 
+def cuda_graph(run, x):
+    """`run` captured in a CUDA graph (after warm-ups on a side stream): a function that copies its input into
+    the graph's static input, replays it and returns the static output. `run` must use a single-threaded
+    loader: the model container's default run queries a CUDA event, which capture forbids."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_x)
+
+    def replay(x):
+        static_x.copy_(x)
+        graph.replay()
+        return static_out
+
+    replay.graph = graph  # keep the graph (and its memory pool) alive with the function
+    return replay
+
+
 def kernel_table(fn, x, calls=5):
     """[(kernel, category, launches per call, ms per call)] by time, from torch.profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn(x)
@@ -127,7 +155,6 @@ def category_of(kernel):
 
 def measure(names, packages, width, height):
     """One record per variant plus the diffusers baselines, all in this process."""
-    import torch
 
     from vaebuild.backends.inductor import load_package
     from vaebuild.graphs import build_graphs
@@ -158,8 +185,17 @@ def measure(names, packages, width, height):
             table = kernel_table(run, x)
             record["by_category_ms"] = {c: sum(r[3] for r in table if r[1] == c) for c in sorted({r[1] for r in table})}
             record["kernels"] = [{"kernel": k, "category": c, "launches": n, "ms": ms} for k, c, n, ms in table]
+            try:  # last: a failed capture can leave the CUDA context unusable
+                single = load_package(packages[name], "cuda", single_threaded=True)
+                replay = cuda_graph(lambda x, single=single: single.run([x])[0], x)
+                record["ms_cuda_graph"] = median_ms(replay, x)
+                record["ms_again"] = median_ms(run, x)
+                record["cuda_graph_max_abs_vs_package"] = (replay(x).float() - run(x).float()).abs().max().item()
+            except Exception as error:  # recorded: a package that cannot be captured
+                record["cuda_graph_error"] = f"{type(error).__name__}: {error}"[:300]
             records.append(record)
-            print(f"{name}: {record['ms']:.2f} ms, max abs {record['max_abs_vs_fp32']:.4f}, "
+            print(f"{name}: {record['ms']:.2f} ms (CUDA graph {record.get('ms_cuda_graph', float('nan')):.2f}, "
+                  f"again {record.get('ms_again', float('nan')):.2f}; {record.get('cuda_graph_error', '')}), max abs {record['max_abs_vs_fp32']:.4f}, "
                   + ", ".join(f"{c} {ms:.2f}" for c, ms in record["by_category_ms"].items()), flush=True)
             del loader
     return records
@@ -169,13 +205,13 @@ def markdown(records, meta):
     lines = [f"# 2-D graph packages at {meta['size']}: time and kernel profile", "",
              f"Device: {meta['device']}; torch {meta['torch']}; bf16, batch 1, random weights (seed 0); "
              "CUDA-event medians; profile = CUDA time per call.", "",
-             "| variant | ms | vs diffusers eager | ms, cudnn.benchmark | max abs vs fp32 2-D | by category (ms) | compile s |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | ms | vs diffusers eager | ms, cudnn.benchmark | ms, CUDA graph | max abs vs fp32 2-D | by category (ms) | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
     baseline = {r["graph"]: r["ms"] for r in records if r["variant"].endswith("diffusers-eager-3d")}
     for r in records:
         categories = ", ".join(f"{c} {ms:.2f}" for c, ms in r.get("by_category_ms", {}).items())
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {baseline[r['graph']] / r['ms']:.2f}x | "
-                     f"{r.get('ms_cudnn_benchmark', float('nan')):.2f} | "
+                     f"{r.get('ms_cudnn_benchmark', float('nan')):.2f} | {r.get('ms_cuda_graph', float('nan')):.2f} | "
                      f"{r['max_abs_vs_fp32']:.4f} | {categories} | {r.get('compile_s', 0):.0f} |")
     for r in records:
         if "kernels" not in r:
@@ -198,7 +234,6 @@ def main():
     parser.add_argument("--compile-only", action="store_true", help="compile the packages and stop (measure later)")
     parser.add_argument("--reuse", action="store_true", help="keep packages already compiled in OUT/packages")
     args = parser.parse_args()
-    import torch
 
     width, height = (int(v) for v in args.size.split("x"))
     names = args.variants.split(",")

@@ -179,6 +179,36 @@ def test_shared_weights_equal_embedded_weights(static_dir, source, tiny_vae, tmp
     assert torch.equal(shared, embedded)
 
 
+def test_weights_are_read_channels_last_in_one_allocation(static_dir):
+    from vaebuild.weights_file import read_to_device
+
+    path = static_dir / "weights.safetensors"
+    plain = read_to_device(path, "cpu")
+    rearranged = read_to_device(path, "cpu", channels_last=True)
+    four_d = [name for name, t in plain.items() if t.dim() == 4]
+    assert len(four_d) > 20 and any(t.dim() != 4 for t in plain.values())
+    for name, tensor in plain.items():
+        assert tensor.is_contiguous()
+        assert torch.equal(rearranged[name], tensor)
+        if tensor.dim() == 4 and tensor.shape[1] > 1 and tensor.shape[2] * tensor.shape[3] > 1:
+            assert rearranged[name].is_contiguous(memory_format=torch.channels_last)
+            assert not rearranged[name].is_contiguous()
+    storages = {t.untyped_storage().data_ptr() for t in rearranged.values()}
+    assert len(storages) == 1
+
+
+def test_packages_record_channels_last_weights_and_get_them(static_copy, tiny_vae):
+    """Packages are compiled with channels-last convolution weights (entry `weight_layout`) and are given the
+    shared weights in that layout; given them contiguous, as a package without the field would be, they compute
+    something else: the field is what keeps old and new packages right."""
+    assert {e["weight_layout"] for e in manifest_of(static_copy)["engines"]} == {"channels_last"}
+    z = latents(tiny_vae, 32, 48)
+    expected = VaeRuntime(static_copy, device="cpu").decode(z)
+    rewrite_manifest(static_copy, lambda m: [e.pop("weight_layout") for e in m["engines"]])
+    wrong_layout = VaeRuntime(static_copy, device="cpu").decode(z)
+    assert (wrong_layout - expected).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize(
     "edit, reason",
     [

@@ -12,7 +12,14 @@ from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
 from conftest import make_tiny_vae
 from vaebuild.graphs import build_graphs
 from vaebuild.model_source import ModelSource, load_vae
-from vaebuild.single_frame import NearestUpsample2x, SingleFrameConv, TapsConv, TransposedUpsampleConv, fold_single_frame
+from vaebuild.single_frame import (
+    NearestUpsample2x,
+    SingleFrameConv,
+    TapPlanesConv,
+    TapsConv,
+    TransposedUpsampleConv,
+    fold_single_frame,
+)
 
 # (kernel_size, stride, padding) of every causal-conv shape the rewrite must handle.
 CONV_CASES = {
@@ -105,6 +112,31 @@ def test_taps_conv_rejects_strided_convolutions():
     conv3d = QwenImageCausalConv3d(3, 4, 3, stride=(1, 2, 2), padding=1)
     with pytest.raises(ValueError, match="only stride 1"):
         TapsConv(conv3d)
+
+
+@pytest.mark.parametrize("out_channels", [3, 1, 8])
+def test_tap_planes_conv_equals_causal_conv3d(out_channels):
+    torch.manual_seed(0)
+    conv3d = QwenImageCausalConv3d(6, out_channels, 3, padding=1).double().eval()
+    x = torch.randn(2, 6, 1, 11, 13, generator=_generator(), dtype=torch.float64)
+    rewritten = TapPlanesConv(conv3d)
+    with torch.no_grad():
+        expected = conv3d(x)
+        actual = rewritten(x)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() < 1e-12
+    assert rewritten.state_dict().keys() == SingleFrameConv(conv3d).state_dict().keys()
+
+
+def test_tap_planes_conv_rejects_other_convolutions():
+    with pytest.raises(ValueError, match="only 3x3, stride 1, padding 1"):
+        TapPlanesConv(QwenImageCausalConv3d(6, 3, 3, stride=(1, 2, 2), padding=1))
+
+
+def test_conv_rewrites_choose_the_rgb_rewrites(tiny_vae):
+    folded = fold_single_frame(tiny_vae, conv_rewrites=True)
+    assert isinstance(folded.encoder.conv_in, TapsConv) and isinstance(folded.decoder.conv_out, TapPlanesConv)
+    assert not any(isinstance(m, (TapsConv, TapPlanesConv)) for m in fold_single_frame(tiny_vae).modules())
 
 
 def test_fold_returns_new_model_without_mutating_input(tiny_vae):

@@ -66,8 +66,14 @@ def chunk_hashes(data, chunk_bytes, pool=None):
     return list(pool.map(digest, pieces)) if pool else [digest(piece) for piece in pieces]
 
 
-def read_to_device(path, device, check=None):
+def read_to_device(path, device, check=None, channels_last=False):
     """{name: tensor} of a safetensors file on `device`, all in one allocation, each tensor 256-byte aligned.
+
+    `channels_last=True` gives each 4-D tensor (convolution weights) channels-last strides, the layout that
+    packages compiled from channels-last modules expect: after the host copies, each is copied on the device to
+    a spare region at the end of the allocation and rearranged from there into its slot (the largest such
+    tensor, 2.7 MB of the full-size VAE's bf16 weights, is the only extra memory; no temporary allocation
+    stays in torch's caching allocator).
 
     Compiled kernels assume aligned constants (views at the file's packed offsets gave CUDA
     "misaligned address" errors), so each tensor gets its own aligned slot, copied straight from the
@@ -94,7 +100,10 @@ def read_to_device(path, device, check=None):
     for name, info in header.items():
         start, end = info["data_offsets"]
         slots[name] = (cursor, start, end)
-        cursor += -(-(end - start) // ALIGN_BYTES) * ALIGN_BYTES
+        cursor += _aligned(end - start)
+    rearranged = [name for name in header if channels_last and len(header[name]["shape"]) == 4]
+    spare = cursor  # a region at the end of the allocation, for rearranging 4-D tensors
+    cursor += max((_aligned(slots[name][2] - slots[name][1]) for name in rearranged), default=0)
     packed = host[8 + header_size:]
     with ThreadPoolExecutor() as pool:
         checked = pool.submit(check, data, pool) if check else None
@@ -105,9 +114,24 @@ def read_to_device(path, device, check=None):
             checked.result()
     tensors = {}
     for name, (slot, start, end) in slots.items():
-        dtype = getattr(torch, _DTYPES[header[name]["dtype"]])
-        tensors[name] = flat[slot:slot + end - start].view(dtype).view(header[name]["shape"])
+        dtype, shape = getattr(torch, _DTYPES[header[name]["dtype"]]), header[name]["shape"]
+        tensors[name] = flat[slot:slot + end - start].view(dtype).view(shape)
+    for name in rearranged:  # on the device, after every host copy: device copies do not wait for the host
+        slot, start, end = slots[name]
+        contiguous = flat[spare:spare + end - start].view(tensors[name].dtype).view(tensors[name].shape)
+        contiguous.copy_(tensors[name])
+        tensors[name] = tensors[name].as_strided(contiguous.shape, _channels_last_strides(contiguous.shape))
+        tensors[name].copy_(contiguous)
     return tensors
+
+
+def _aligned(size):
+    return -(-size // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def _channels_last_strides(shape):
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
 
 
 def load_into(modules, path):
@@ -138,29 +162,30 @@ class FolderWeights:
         self.override = Path(override) if override else None
         self._on_device = {}
 
-    def tensors(self, device):
-        """{name: tensor} on `device`; raises UserInputError (one line) for a tampered or mismatched file."""
+    def tensors(self, device, channels_last=False):
+        """{name: tensor} on `device` (4-D ones channels-last if asked: `read_to_device`); raises
+        UserInputError (one line) for a tampered or mismatched file."""
         import torch
 
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        key = str(device)
+        key = (str(device), channels_last)
         if key not in self._on_device:
             source = self.override or self.path
             if not source.is_file():
                 raise UserInputError(f"weights file {source} is missing; rebuild the folder (or drop weights=)")
             if source == self.path:
-                tensors = read_to_device(source, device, check=self._check_hash)
+                tensors = read_to_device(source, device, check=self._check_hash, channels_last=channels_last)
             else:
-                tensors = read_to_device(source, device)
+                tensors = read_to_device(source, device, channels_last=channels_last)
                 self._check_like_folder_file(source, tensors)
                 logger.info("using weights from %s instead of %s", source, self.path)
             self._on_device[key] = tensors
         return self._on_device[key]
 
     def release(self):
-        """Drop every device copy."""
+        """Drop every device copy (of either layout)."""
         self._on_device.clear()
 
     def _check_hash(self, data, pool):

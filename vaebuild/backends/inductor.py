@@ -5,8 +5,9 @@ within the profiles' min..max when they differ; the encoder's sides as multiples
 `torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
 `vaebuild::attention_d384` (the Triton kernel of `vaebuild.attention` on Hopper, SDPA elsewhere; its
 key split is chosen from the token count, so dynamic-shape packages keep SDPA); every package computes
-the upsamplers as transposed convolutions and the RGB convolution over its taps (`single_frame`'s
-`conv_rewrites`), and CUDA packages tune their Triton kernels' launch settings by timing them while
+the upsamplers as transposed convolutions and the convolutions from and to RGB over their taps
+(`single_frame`'s `conv_rewrites`), with its convolution weights channels-last (entry field
+`weight_layout`: a weight-free package is given them in that layout), and CUDA packages tune their Triton kernels' launch settings by timing them while
 compiling (inductor's coordinate descent: -1.9 ms on the 1328x1328 decoder on an H100, compile time about
 1.8x). By default packages are compiled weight-free
 (`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds one copy
@@ -29,6 +30,8 @@ from pathlib import Path
 from vaebuild.backends.base import BuildOptions, EngineInfo, reject_options
 from vaebuild.errors import UserInputError
 from vaebuild.fileio import atomic_output, sha256_file
+
+WEIGHT_LAYOUT = "channels_last"  # of the 4-D constants packages are compiled with (manifest entry "weight_layout")
 
 
 class InductorBackend:
@@ -127,6 +130,9 @@ def compile_package(request) -> EngineInfo:
         request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"],
         conv_rewrites=True,
     )[request["graph"]]
+    # Convolution weights channels-last, the layout cuDNN's NHWC kernels take: else the package converts
+    # each one on every call (and cuDNN copies the transposed convolutions' weights), 0.5 ms per decode.
+    module = module.to(memory_format=torch.channels_last)
     dtype = next(module.parameters()).dtype
     example, dynamic_shapes = export_shapes(request["input_name"], request["profiles"], request["spatial_multiple"])
     with torch.no_grad():
@@ -152,7 +158,7 @@ def compile_package(request) -> EngineInfo:
         size_bytes=engine_path.stat().st_size,
         sha256=sha256_file(engine_path),
         build_seconds=time.perf_counter() - start,
-        manifest_fields={"weights": "embedded" if request["embed_weights"] else "folder"},
+        manifest_fields={"weights": "embedded" if request["embed_weights"] else "folder", "weight_layout": WEIGHT_LAYOUT},
     )
 
 
@@ -215,11 +221,13 @@ def promote_libstdcxx():
         pass
 
 
-def load_package(path, device):
+def load_package(path, device, single_threaded=False):
     """The loader of the AOTInductor package at `path` (no ISA probe, no device check, no torch._inductor).
 
     torch's `AOTICompiledModel` wrapper is not used: importing `torch._inductor` for it costs 2-4 s in
     a fresh process, and these packages take one tensor and return one (`loader.run([x])[0]`).
+    `single_threaded=True` drops the model container's run bookkeeping (a CUDA event it queries before each
+    run), which CUDA-graph capture forbids; such a loader must not be run from two threads at once.
     """
     import torch
 
@@ -228,7 +236,7 @@ def load_package(path, device):
     index = -1
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, index)
 
 
 FOLDED_CONSTANT_PREFIX = "_FOLDED_CONST_"  # torch._inductor.compile_fx names run-time folded constants so
@@ -264,6 +272,7 @@ def make_runner(engine_path, entry, weights, device, name=None):
     return PackageRunner(
         Path(engine_path), torch.device(device or entry.get("device", "cpu")), get_precision(entry["precision"]).dtype,
         entry["input"], entry["output"], shape, weights if entry.get("weights") == "folder" else None, name,
+        channels_last=entry.get("weight_layout") == "channels_last",  # absent: packages built before the field
     )
 
 
@@ -276,10 +285,12 @@ class PackageRunner:
     milliseconds to the first package load of a process, and the runtime never needs it.
     """
 
-    def __init__(self, engine_path, device, dtype, input_name, output_name, shape, weights, name=None):
+    def __init__(self, engine_path, device, dtype, input_name, output_name, shape, weights, name=None,
+                 channels_last=False):
         self.engine_path, self.device, self.dtype = engine_path, device, dtype
         self.input_name, self.output_name, self.shape = input_name, output_name, shape
         self.weights = weights  # FolderWeights for a weight-free package, else None
+        self.channels_last = channels_last  # the package takes 4-D weights channels-last
         self.name = name or engine_path.name
         self.loader = None
         self.inference_time = None
@@ -294,7 +305,7 @@ class PackageRunner:
             raise UserInputError(f"package file not found: {self.engine_path}")
         loader = load_package(self.engine_path, self.device)
         if self.weights is not None:
-            attach_weights(loader, self.weights.tensors(self.device), self.engine_path)
+            attach_weights(loader, self.weights.tensors(self.device, self.channels_last), self.engine_path)
         self.loader = loader
 
     def deactivate(self):
