@@ -4,8 +4,8 @@
 
 Writes DIR/weights.safetensors (the full-size Qwen-Image VAE's 2-D graph weights in bf16, random
 weights of seed 0) unless it is there, then runs `FolderWeights(...).tensors(device)` (read, chunk
-hashes checked, one device copy; convolution weights rearranged channels-last, as packages take them, unless
-`--contiguous`) in `--runs` fresh processes, each after `import torch` and CUDA
+hashes checked, one device copy; convolution weights channels-last, as packages take them and as the file
+stores them, or rearranged to contiguous with `--contiguous`) in `--runs` fresh processes, each after `import torch` and CUDA
 initialisation, with the file in the page cache, and prints each time, the GPU memory it holds
 (`mem_get_info` delta), the median, and a plain file read for comparison.
 """
@@ -47,7 +47,7 @@ def main():
     parser.add_argument("folder", type=Path)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contiguous", action="store_true", help="keep convolution weights contiguous (NCHW)")
+    parser.add_argument("--contiguous", action="store_true", help="convolution weights contiguous (NCHW): rearranged on the GPU")
     parser.add_argument("--warm-copy-kernels", action="store_true",
                         help="run one channels-last copy before timing (its kernels' first load is ~20 ms)")
     args = parser.parse_args()

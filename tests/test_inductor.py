@@ -179,22 +179,35 @@ def test_shared_weights_equal_embedded_weights(static_dir, source, tiny_vae, tmp
     assert torch.equal(shared, embedded)
 
 
-def test_weights_are_read_channels_last_in_one_allocation(static_dir):
-    from vaebuild.weights_file import read_to_device
+@pytest.mark.parametrize("stored", ["channels_last", "contiguous (older files)"])
+def test_weights_are_read_in_either_layout_in_one_allocation(static_dir, tiny_vae, tmp_path, stored):
+    """The weights file stores 4-D tensors channels-last (views at load); a file of an older vaebuild stores
+    them contiguous. Either is read in either layout, with the modules' shapes and values."""
+    from safetensors.torch import save_file
 
+    from vaebuild.weights_file import graph_tensors, load_into, read_to_device
+
+    expected = graph_tensors(build_graphs(tiny_vae))
     path = static_dir / "weights.safetensors"
-    plain = read_to_device(path, "cpu")
-    rearranged = read_to_device(path, "cpu", channels_last=True)
-    four_d = [name for name, t in plain.items() if t.dim() == 4]
-    assert len(four_d) > 20 and any(t.dim() != 4 for t in plain.values())
-    for name, tensor in plain.items():
-        assert tensor.is_contiguous()
-        assert torch.equal(rearranged[name], tensor)
-        if tensor.dim() == 4 and tensor.shape[1] > 1 and tensor.shape[2] * tensor.shape[3] > 1:
-            assert rearranged[name].is_contiguous(memory_format=torch.channels_last)
-            assert not rearranged[name].is_contiguous()
-    storages = {t.untyped_storage().data_ptr() for t in rearranged.values()}
-    assert len(storages) == 1
+    if stored != "channels_last":
+        path = tmp_path / "old.safetensors"
+        save_file({name: t.contiguous() for name, t in expected.items()}, str(path))
+    assert sum(t.dim() == 4 for t in expected.values()) > 20 and any(t.dim() != 4 for t in expected.values())
+    for channels_last in (False, True):
+        tensors = read_to_device(path, "cpu", channels_last=channels_last)
+        assert tensors.keys() == expected.keys()
+        assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 1
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, expected[name]), name
+            if tensor.dim() == 4 and tensor.shape[1] > 1 and tensor.shape[2] * tensor.shape[3] > 1:
+                assert tensor.is_contiguous(memory_format=torch.channels_last) == channels_last
+                assert tensor.is_contiguous() == (not channels_last)
+    encoder, decoder = build_graphs(tiny_vae)
+    for module in (encoder, decoder):
+        for parameter in module.parameters():
+            parameter.data.zero_()
+    load_into([encoder, decoder], path)
+    assert all(torch.equal(t, expected[name]) for name, t in graph_tensors([encoder, decoder]).items())
 
 
 def test_packages_record_channels_last_weights_and_get_them(static_copy, tiny_vae):

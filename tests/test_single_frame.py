@@ -93,19 +93,24 @@ def test_transposed_upsample_conv_rejects_other_convolutions():
         TransposedUpsampleConv(resample)
 
 
-@pytest.mark.parametrize("case", ["k3_p1", "k1_p0", "k331_p110_asymmetric", "k135_p012_asymmetric"])
-def test_taps_conv_equals_causal_conv3d(case):
-    kernel, stride, padding = CONV_CASES[case]
-    torch.manual_seed(0)
-    conv3d = QwenImageCausalConv3d(3, 7, kernel, stride=stride, padding=padding).double().eval()
-    x = torch.randn(2, 3, 1, 11, 13, generator=_generator(), dtype=torch.float64)
-    rewritten = TapsConv(conv3d)
+def _assert_rewrite_equals_causal_conv3d(rewrite, conv3d):
+    """`rewrite(conv3d)` computes conv3d's single-frame output in float64 with the same state-dict names."""
+    x = torch.randn(2, conv3d.in_channels, 1, 11, 13, generator=_generator(), dtype=torch.float64)
+    rewritten = rewrite(conv3d)
     with torch.no_grad():
         expected = conv3d(x)
         actual = rewritten(x)
     assert actual.shape == expected.shape
     assert (actual - expected).abs().max().item() < 1e-12
     assert rewritten.state_dict().keys() == SingleFrameConv(conv3d).state_dict().keys()
+
+
+@pytest.mark.parametrize("case", ["k3_p1", "k1_p0", "k331_p110_asymmetric", "k135_p012_asymmetric"])
+def test_taps_conv_equals_causal_conv3d(case):
+    kernel, stride, padding = CONV_CASES[case]
+    torch.manual_seed(0)
+    conv3d = QwenImageCausalConv3d(3, 7, kernel, stride=stride, padding=padding).double().eval()
+    _assert_rewrite_equals_causal_conv3d(TapsConv, conv3d)
 
 
 def test_taps_conv_rejects_strided_convolutions():
@@ -118,14 +123,7 @@ def test_taps_conv_rejects_strided_convolutions():
 def test_tap_planes_conv_equals_causal_conv3d(out_channels):
     torch.manual_seed(0)
     conv3d = QwenImageCausalConv3d(6, out_channels, 3, padding=1).double().eval()
-    x = torch.randn(2, 6, 1, 11, 13, generator=_generator(), dtype=torch.float64)
-    rewritten = TapPlanesConv(conv3d)
-    with torch.no_grad():
-        expected = conv3d(x)
-        actual = rewritten(x)
-    assert actual.shape == expected.shape
-    assert (actual - expected).abs().max().item() < 1e-12
-    assert rewritten.state_dict().keys() == SingleFrameConv(conv3d).state_dict().keys()
+    _assert_rewrite_equals_causal_conv3d(TapPlanesConv, conv3d)
 
 
 def test_tap_planes_conv_rejects_other_convolutions():

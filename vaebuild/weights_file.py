@@ -3,8 +3,11 @@
 Inductor builds compile weight-free packages (their constants are looked up by name at load time)
 and write the encoder and decoder graphs' weights once, at the build precision, under their
 graph-module names (`encoder.*`, `quant_conv.*`, `post_quant_conv.*`, `decoder.*`: they do not
-collide). The manifest records the file's sha256; `FolderWeights` refuses a file whose hash
-differs, loads it to a device once and hands the same tensors to every package.
+collide). Convolution weights (4-D tensors) are stored channels-last, as `[out, kh, kw, in]`
+(metadata `{"vaebuild_4d_layout": "channels_last"}`), the layout packages take them in, so a load gives
+them as views; readers here return every tensor in its module's shape. The manifest records the file's
+sha256; `FolderWeights` refuses a file whose hash differs, loads it to a device once and hands the same
+tensors to every package.
 """
 
 import hashlib
@@ -22,6 +25,7 @@ from vaebuild.fileio import atomic_output
 WEIGHTS_NAME = "weights.safetensors"
 ALIGN_BYTES = 256
 CHUNK_BYTES = 8 << 20  # the file is also hashed in chunks of this size, so a load can check them in parallel
+LAYOUT_KEY = "vaebuild_4d_layout"  # safetensors metadata: how 4-D tensors are stored
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 logger = logging.getLogger("vaebuild.runtime")
@@ -43,8 +47,8 @@ def write_weights_file(path, graphs):
     from safetensors.torch import save
 
     path = Path(path)
-    tensors = {name: t.cpu().clone() for name, t in graph_tensors(graphs).items()}
-    data = save(tensors)
+    tensors = {name: _stored(t.cpu()).clone() for name, t in graph_tensors(graphs).items()}
+    data = save(tensors, metadata={LAYOUT_KEY: "channels_last"})
     with atomic_output(path, suffix=".safetensors") as tmp:
         tmp.write_bytes(data)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
@@ -59,6 +63,16 @@ def write_weights_file(path, graphs):
     }
 
 
+def _stored(tensor):
+    """How `write_weights_file` stores a tensor: a 4-D one as `[out, kh, kw, in]` (channels-last order)."""
+    return tensor.permute(0, 2, 3, 1).contiguous() if tensor.dim() == 4 else tensor
+
+
+def _logical(tensor, stored_channels_last):
+    """A tensor as read from a file, in its module's shape (a view: channels-last strides if so stored)."""
+    return tensor.permute(0, 3, 1, 2) if stored_channels_last and tensor.dim() == 4 else tensor
+
+
 def chunk_hashes(data, chunk_bytes, pool=None):
     """sha256 of each `chunk_bytes` piece of `data` (hashlib releases the GIL: a pool hashes them in parallel)."""
     pieces = [data[start:start + chunk_bytes] for start in range(0, len(data), chunk_bytes)]
@@ -69,11 +83,10 @@ def chunk_hashes(data, chunk_bytes, pool=None):
 def read_to_device(path, device, check=None, channels_last=False):
     """{name: tensor} of a safetensors file on `device`, all in one allocation, each tensor 256-byte aligned.
 
-    `channels_last=True` gives each 4-D tensor (convolution weights) channels-last strides, the layout that
-    packages compiled from channels-last modules expect: after the host copies, each is copied on the device to
-    a spare region at the end of the allocation and rearranged from there into its slot (the largest such
-    tensor, 2.7 MB of the full-size VAE's bf16 weights, is the only extra memory; no temporary allocation
-    stays in torch's caching allocator).
+    4-D tensors come back channels-last if `channels_last`, else contiguous: a view when the file stores
+    them that way (files of `write_weights_file` store them channels-last, older files contiguous), else
+    rearranged on the device after the host copies, through a spare region at the end of the allocation
+    (no temporary allocation stays in torch's caching allocator).
 
     Compiled kernels assume aligned constants (views at the file's packed offsets gave CUDA
     "misaligned address" errors), so each tensor gets its own aligned slot, copied straight from the
@@ -95,14 +108,14 @@ def read_to_device(path, device, check=None, channels_last=False):
     host = torch.frombuffer(mapped, dtype=torch.uint8)
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
-    header.pop("__metadata__", None)
+    stored_channels_last = header.pop("__metadata__", {}).get(LAYOUT_KEY) == "channels_last"
     slots, cursor = {}, 0
     for name, info in header.items():
         start, end = info["data_offsets"]
         slots[name] = (cursor, start, end)
         cursor += _aligned(end - start)
-    rearranged = [name for name in header if channels_last and len(header[name]["shape"]) == 4]
-    spare = cursor  # a region at the end of the allocation, for rearranging 4-D tensors
+    rearranged = [name for name in header if len(header[name]["shape"]) == 4] if channels_last != stored_channels_last else []
+    spare = cursor
     cursor += max((_aligned(slots[name][2] - slots[name][1]) for name in rearranged), default=0)
     packed = host[8 + header_size:]
     with ThreadPoolExecutor() as pool:
@@ -114,14 +127,16 @@ def read_to_device(path, device, check=None, channels_last=False):
             checked.result()
     tensors = {}
     for name, (slot, start, end) in slots.items():
-        dtype, shape = getattr(torch, _DTYPES[header[name]["dtype"]]), header[name]["shape"]
-        tensors[name] = flat[slot:slot + end - start].view(dtype).view(shape)
+        dtype = getattr(torch, _DTYPES[header[name]["dtype"]])
+        tensors[name] = _logical(flat[slot:slot + end - start].view(dtype).view(header[name]["shape"]), stored_channels_last)
     for name in rearranged:  # on the device, after every host copy: device copies do not wait for the host
         slot, start, end = slots[name]
-        contiguous = flat[spare:spare + end - start].view(tensors[name].dtype).view(tensors[name].shape)
-        contiguous.copy_(tensors[name])
-        tensors[name] = tensors[name].as_strided(contiguous.shape, _channels_last_strides(contiguous.shape))
-        tensors[name].copy_(contiguous)
+        tensor = tensors[name]
+        copy = flat[spare:spare + end - start].view(tensor.dtype).as_strided(tensor.shape, tensor.stride())
+        copy.copy_(tensor)
+        strides = _channels_last_strides(tensor.shape) if channels_last else _contiguous_strides(tensor.shape)
+        tensors[name] = flat[slot:slot + end - start].view(tensor.dtype).as_strided(tensor.shape, strides)
+        tensors[name].copy_(copy)
     return tensors
 
 
@@ -134,11 +149,19 @@ def _channels_last_strides(shape):
     return (h * w * c, 1, w * c, c)
 
 
+def _contiguous_strides(shape):
+    n, c, h, w = shape
+    return (c * h * w, h * w, w, 1)
+
+
 def load_into(modules, path):
     """Load the weights file at `path` into `modules` (strict: every tensor of each module must be there)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        stored_channels_last = (f.metadata() or {}).get(LAYOUT_KEY) == "channels_last"
+    tensors = {name: _logical(t, stored_channels_last) for name, t in load_file(str(path)).items()}
     for module in modules:
         own = dict(module.state_dict())
         missing = [name for name in own if name not in tensors]
@@ -206,10 +229,13 @@ class FolderWeights:
 
         with safe_open(str(self.path), framework="pt") as expected:
             names = set(expected.keys())
+            stored_channels_last = (expected.metadata() or {}).get(LAYOUT_KEY) == "channels_last"
             for name in sorted(names):
                 if name not in tensors:
                     raise UserInputError(f"{source} has no tensor {name!r}; pass weights of this architecture")
                 shape = list(expected.get_slice(name).get_shape())
+                if stored_channels_last and len(shape) == 4:
+                    shape = [shape[0], shape[3], shape[1], shape[2]]
                 got = tensors[name]
                 if list(got.shape) != shape or str(got.dtype).removeprefix("torch.") not in self.record["dtypes"]:
                     raise UserInputError(
