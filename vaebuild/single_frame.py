@@ -60,6 +60,11 @@ class NearestUpsample2x(nn.Module):
         return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").type_as(x)
 
 
+def _is_plain_3x3(conv):
+    """Whether a Conv2d is 3x3 with stride 1, padding 1, dilation 1 and one group (what the rewrites assume)."""
+    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == ((3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+
 def _transposed_taps(weight, dim):
     """The 4-tap kernel that a 3-tap kernel (t0, t1, t2) along `dim` becomes behind a nearest x2 upsample.
 
@@ -83,7 +88,7 @@ class TransposedUpsampleConv(nn.Sequential):
     def __init__(self, resample):
         super().__init__(*resample)
         conv = self[1]
-        if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+        if not _is_plain_3x3(conv):
             raise ValueError(f"unexpected upsample convolution {conv}; only 3x3, stride 1, padding 1 is folded")
 
     def forward(self, x):
@@ -126,7 +131,7 @@ class TapPlanesConv(SingleFrameConv):
     def __init__(self, conv3d):
         super().__init__(conv3d)
         conv = self.conv
-        if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+        if not _is_plain_3x3(conv):
             raise ValueError(f"unexpected convolution {conv}; only 3x3, stride 1, padding 1 is rewritten")
 
     def forward(self, x, cache_x=None):

@@ -68,6 +68,11 @@ def _stored(tensor):
     return tensor.permute(0, 2, 3, 1).contiguous() if tensor.dim() == 4 else tensor
 
 
+def _stored_channels_last(metadata):
+    """Whether a file with this safetensors metadata stores 4-D tensors channels-last (files of `write_weights_file`)."""
+    return (metadata or {}).get(LAYOUT_KEY) == "channels_last"
+
+
 def _logical(tensor, stored_channels_last):
     """A tensor as read from a file, in its module's shape (a view: channels-last strides if so stored)."""
     return tensor.permute(0, 3, 1, 2) if stored_channels_last and tensor.dim() == 4 else tensor
@@ -108,7 +113,7 @@ def read_to_device(path, device, check=None, channels_last=False):
     host = torch.frombuffer(mapped, dtype=torch.uint8)
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
-    stored_channels_last = header.pop("__metadata__", {}).get(LAYOUT_KEY) == "channels_last"
+    stored_channels_last = _stored_channels_last(header.pop("__metadata__", None))
     slots, cursor = {}, 0
     for name, info in header.items():
         start, end = info["data_offsets"]
@@ -134,7 +139,8 @@ def read_to_device(path, device, check=None, channels_last=False):
         tensor = tensors[name]
         copy = flat[spare:spare + end - start].view(tensor.dtype).as_strided(tensor.shape, tensor.stride())
         copy.copy_(tensor)
-        strides = _channels_last_strides(tensor.shape) if channels_last else _contiguous_strides(tensor.shape)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        strides = torch.empty(tensor.shape, device="meta", memory_format=memory_format).stride()
         tensors[name] = flat[slot:slot + end - start].view(tensor.dtype).as_strided(tensor.shape, strides)
         tensors[name].copy_(copy)
     return tensors
@@ -144,23 +150,13 @@ def _aligned(size):
     return -(-size // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def _channels_last_strides(shape):
-    n, c, h, w = shape
-    return (h * w * c, 1, w * c, c)
-
-
-def _contiguous_strides(shape):
-    n, c, h, w = shape
-    return (c * h * w, h * w, w, 1)
-
-
 def load_into(modules, path):
     """Load the weights file at `path` into `modules` (strict: every tensor of each module must be there)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
-        stored_channels_last = (f.metadata() or {}).get(LAYOUT_KEY) == "channels_last"
+        stored_channels_last = _stored_channels_last(f.metadata())
     tensors = {name: _logical(t, stored_channels_last) for name, t in load_file(str(path)).items()}
     for module in modules:
         own = dict(module.state_dict())
@@ -225,17 +221,17 @@ class FolderWeights:
             )
 
     def _check_like_folder_file(self, source, tensors):
+        import torch
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as expected:
             names = set(expected.keys())
-            stored_channels_last = (expected.metadata() or {}).get(LAYOUT_KEY) == "channels_last"
+            stored_channels_last = _stored_channels_last(expected.metadata())
             for name in sorted(names):
                 if name not in tensors:
                     raise UserInputError(f"{source} has no tensor {name!r}; pass weights of this architecture")
-                shape = list(expected.get_slice(name).get_shape())
-                if stored_channels_last and len(shape) == 4:
-                    shape = [shape[0], shape[3], shape[1], shape[2]]
+                stored = torch.empty(expected.get_slice(name).get_shape(), device="meta")
+                shape = list(_logical(stored, stored_channels_last).shape)
                 got = tensors[name]
                 if list(got.shape) != shape or str(got.dtype).removeprefix("torch.") not in self.record["dtypes"]:
                     raise UserInputError(

@@ -125,7 +125,8 @@ def compile_package(request) -> EngineInfo:
 
     start = time.perf_counter()
     device = torch.device(request["device"])
-    # Convolution rewrites (any shape): the upsamplers at 4/9 of their multiply-adds, the RGB convolution as 1x1.
+    # Convolution rewrites (any shape): the upsamplers at 4/9 of their multiply-adds, the convolutions from and
+    # to RGB over their taps.
     module = build_graph_modules_from_weights(
         request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"],
         conv_rewrites=True,
