@@ -103,30 +103,6 @@ def median_ms(fn, x, warmup=3, runs=20):
     return statistics.median(time_calls(lambda: fn(x), torch.device("cuda"), warmup, runs))
 
 
-def cuda_graph(run, x):
-    """`run` captured in a CUDA graph (after warm-ups on a side stream): a function that copies its input into
-    the graph's static input, replays it and returns the static output. `run` must use a single-threaded
-    loader: the model container's default run queries a CUDA event, which capture forbids."""
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            run(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = run(static_x)
-
-    def replay(x):
-        static_x.copy_(x)
-        graph.replay()
-        return static_out
-
-    replay.graph = graph  # keep the graph (and its memory pool) alive with the function
-    return replay
-
-
 def kernel_table(fn, x, calls=5):
     """[(kernel, category, launches per call, ms per call)] by time, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -157,6 +133,7 @@ def measure(names, packages, width, height):
     """One record per variant plus the diffusers baselines, all in this process."""
 
     from vaebuild.backends.inductor import load_package
+    from vaebuild.cuda_graph import GraphedCall
     from vaebuild.graphs import build_graphs
 
     torch.backends.cudnn.allow_tf32 = False  # the reference is true fp32 (cuDNN allows TF32 by default)
@@ -187,7 +164,7 @@ def measure(names, packages, width, height):
             record["kernels"] = [{"kernel": k, "category": c, "launches": n, "ms": ms} for k, c, n, ms in table]
             try:  # last: a failed capture can leave the CUDA context unusable
                 single = load_package(packages[name], "cuda", single_threaded=True)
-                replay = cuda_graph(lambda x, single=single: single.run([x])[0], x)
+                replay = GraphedCall(lambda x, single=single: single.run([x])[0])
                 record["ms_cuda_graph"] = median_ms(replay, x)
                 record["ms_again"] = median_ms(run, x)
                 record["cuda_graph_max_abs_vs_package"] = (replay(x).float() - run(x).float()).abs().max().item()

@@ -50,7 +50,8 @@ def test_parse_sizes_rejects_bad_entries(text):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"runs": 0}, "--runs 0"), ({"warmup": -1}, "--warmup -1"), ({"device": "tpu"}, "--device"),
-     ({"precision": "int8"}, "unknown precision"), ({"sizes": ()}, "no sizes")],
+     ({"precision": "int8"}, "unknown precision"), ({"sizes": ()}, "no sizes"),
+     ({"cuda_graphs": True}, "--cuda-graphs times engine folders")],
 )
 def test_bad_options_are_user_errors(kwargs, message):
     with pytest.raises(UserInputError, match=message):

@@ -332,6 +332,52 @@ def test_verify_passes_the_packages_against_diffusers(static_dir, multi_dir):
     assert len(verify_build(multi_dir, VerifyOptions(device="cpu"), log=quiet).rows) == 6  # 2 graphs x min/opt/max
 
 
+def test_cuda_graphs_need_packages_on_a_cuda_device(static_dir):
+    with pytest.raises(UserInputError, match="cuda_graphs needs AOTInductor packages on a CUDA device.*device is cpu"):
+        VaeRuntime(static_dir, device="cpu", cuda_graphs=True)
+    from vaebuild.backends.tensorrt import TensorRTBackend
+
+    with pytest.raises(UserInputError, match="not TensorRT engines"):
+        TensorRTBackend("tensorrt").load_runner(Path("x.trt"), {}, cuda_graphs=True)
+
+
+def test_graphed_call_captures_once_per_shape_and_copies_each_input_in(monkeypatch):
+    """The replay bookkeeping, with a stand-in for the CUDA capture (no GPU here; the GPU check is
+    scripts/cuda_graph_check.py): a replay recomputes the static output from the static input."""
+    from vaebuild.cuda_graph import GraphedCall
+
+    class FakeGraph:
+        def __init__(self, run, static_x, static_out):
+            self.run, self.static_x, self.static_out = run, static_x, static_out
+
+        def replay(self):
+            self.static_out.copy_(self.run(self.static_x))
+
+    def fake_capture(self, x):
+        static_x = x.clone()
+        captures.append(tuple(x.shape))
+        static_out = self.run(static_x)
+        return FakeGraph(self.run, static_x, static_out), static_x, static_out
+
+    captures = []
+    monkeypatch.setattr(GraphedCall, "_capture", fake_capture)
+    call = GraphedCall(lambda x: x * 2 + 1)
+    a, b, c = torch.randn(2, 3), torch.randn(2, 3), torch.randn(4, 3)
+    assert torch.equal(call(a), a * 2 + 1)
+    assert torch.equal(call(b), b * 2 + 1)  # same shape: replayed on the new input, not the captured one
+    assert torch.equal(call(c), c * 2 + 1)
+    assert captures == [(2, 3), (4, 3)] and call.captured_shapes == [(2, 3), (4, 3)]
+    call.release()
+    assert call.captured_shapes == []
+
+
+def test_graphed_call_refuses_cpu_tensors():
+    from vaebuild.cuda_graph import GraphedCall
+
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
+        GraphedCall(lambda x: x)(torch.zeros(2))
+
+
 def test_bench_rows_and_load_costs_for_a_package_folder(static_dir, tiny_vae):
     from vaebuild.bench import BenchOptions, BenchSize, render_markdown, run_bench
 
@@ -346,3 +392,19 @@ def test_bench_rows_and_load_costs_for_a_package_folder(static_dir, tiny_vae):
         assert row["load_ms"] > 0 and row["first_call_ms"] > 0 and row["median_ms"] > 0
     assert result["engines"][0]["disk_mb"] > 0
     assert "Loading and memory, out:" in render_markdown(result)
+
+
+def test_bench_cuda_graphs_column_says_why_it_did_not_run_here(static_dir, tiny_vae):
+    from vaebuild.bench import BenchOptions, BenchSize, render_markdown, run_bench
+
+    options = BenchOptions(sizes=(BenchSize("wide", 32, 48),), device="cpu", warmup=0, runs=1,
+                           engines=static_dir, flops=False, cuda_graphs=True, fresh_process_loads=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_bench(tiny_vae, {"kind": "test"}, options, log=quiet)
+    assert [e["cuda_graphs"] for e in result["engines"]] == [False, True]
+    rows = [r for r in result["rows"] if r["kind"] == "engine"]
+    assert [(r["folder"], r["status"]) for r in rows] == [(0, "ok"), (1, "not run")] * 2
+    assert "CUDA graphs" in rows[1]["row"] and "needs AOTInductor packages on a CUDA device" in rows[1]["reason"]
+    text = render_markdown(result)
+    assert "ms 3-D / 2-D / E1 / E2" in text and "replayed from CUDA graphs" in text

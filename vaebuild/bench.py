@@ -68,12 +68,15 @@ class BenchOptions:
     flops: bool = True
     seed: int = 0
     fresh_process_loads: bool = True  # measure engine loads in subprocesses (see vaebuild.load_probe)
+    cuda_graphs: bool = False  # also time each folder's packages replayed from CUDA graphs (more engine rows)
 
     def __post_init__(self):
         engines = (self.engines,) if isinstance(self.engines, (str, Path)) else self.engines or ()
         object.__setattr__(self, "engines", tuple(Path(e) for e in engines))
         if not self.sizes:
             raise UserInputError("no sizes to benchmark; pass --sizes WxH[,WxH...]")
+        if self.cuda_graphs and not self.engines:
+            raise UserInputError("--cuda-graphs times engine folders; pass --engines DIR")
         for name, value, low in (("--warmup", self.warmup, 0), ("--runs", self.runs, 1), ("--batch", self.batch, 1)):
             if value is not None and value < low:
                 raise UserInputError(f"{name} {value} must be at least {low}")
@@ -273,10 +276,14 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         if size.height % scale or size.width % scale:
             raise UserInputError(f"size {size.label} is not a multiple of {scale}, the VAE's downsampling factor")
 
-    opened = [_open_engines(vae, folder, device, runner_factory, unavailable_reason, log) for folder in options.engines]
+    opened = [
+        _open_engines(vae, folder, device, runner_factory, unavailable_reason, log, cuda_graphs)
+        for cuda_graphs in sorted({False, options.cuda_graphs})
+        for folder in options.engines
+    ]
     fresh_loads = [{} for _ in opened]
     for (info, runtime), loads in zip(opened, fresh_loads):
-        if runtime is not None and options.fresh_process_loads:
+        if runtime is not None and options.fresh_process_loads and not info["cuda_graphs"]:
             log(f"measuring engine loads of {info['dir']} in fresh processes ...")
             loads.update(measure_fresh_loads(runtime, device, info, log))
     log(f"preparing models on {_device_name(device)} in {precision} ...")
@@ -341,12 +348,12 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
     }
 
 
-def _open_engines(vae, folder, device, runner_factory, unavailable_reason, log):
+def _open_engines(vae, folder, device, runner_factory, unavailable_reason, log, cuda_graphs=False):
     """(engine info for the JSON, VaeRuntime or None); a folder that cannot be opened becomes a reason."""
     from vaebuild.model_source import weights_sha256
     from vaebuild.runtime import VaeRuntime, read_engine_dir
 
-    info = {"dir": str(folder)}
+    info = {"dir": str(folder), "cuda_graphs": cuda_graphs}
     try:
         manifest, _ = read_engine_dir(folder)
     except UserInputError as err:
@@ -362,24 +369,30 @@ def _open_engines(vae, folder, device, runner_factory, unavailable_reason, log):
         model=manifest.get("model"),
         weights_match=manifest.get("weights_sha256") == weights_sha256(vae),
     )
-    if not info["weights_match"]:
+    if not info["weights_match"] and not cuda_graphs:
         log(f"note: the engines in {folder} were built from other weights than the benchmarked model")
     info["disk_mb"] = round(_folder_disk_bytes(folder, manifest) / 1e6, 1)
-    trt_vae = VaeRuntime(
-        folder,
-        device=device,
-        resident="lazy",
-        allow_fallback=False,
-        runner_factory=runner_factory,
-        unavailable_reason=unavailable_reason,
-    )
+    try:
+        trt_vae = VaeRuntime(
+            folder,
+            device=device,
+            resident="lazy",
+            allow_fallback=False,
+            runner_factory=runner_factory,
+            unavailable_reason=unavailable_reason,
+            cuda_graphs=cuda_graphs,
+        )
+    except UserInputError as err:  # e.g. CUDA graphs asked for TensorRT engines or a CPU run
+        info["error"] = str(err)
+        return info, None
     return info, trt_vae
 
 
 def _engine_row(trt_vae, info, index, size, graph, x, device, warmup, runs):
     from vaebuild.runtime import EngineUnavailableError
 
-    label = f"engine {Path(info['dir']).name} ({info.get('kind', '?')} {info.get('precision', '')})"
+    graphs = ", CUDA graphs" if info["cuda_graphs"] else ""
+    label = f"engine {Path(info['dir']).name} ({info.get('kind', '?')} {info.get('precision', '')}{graphs})"
     row = _Row(size, graph, label, "engine")
     row.data["folder"] = index
     if trt_vae is None:
@@ -550,12 +563,14 @@ def render_markdown(result, details=True):
     for index, e in enumerate(folders):
         if e.get("kind"):
             name = names[2 + index]
+            graphs = ", replayed from CUDA graphs (first call captures)" if e.get("cuda_graphs") else ""
             lines += [
                 "",
                 f"{name}: {e['dir']} ({e['kind']}, {e['precision']}, {', '.join(e['backends'])} "
-                f"{', '.join(e['backend_versions'])}; same weights as the PyTorch rows: {e['weights_match']}).",
+                f"{', '.join(e['backend_versions'])}{graphs}; same weights as the PyTorch rows: {e['weights_match']}).",
             ]
-            lines += _load_table(result, index, e)
+            if not e.get("cuda_graphs"):
+                lines += _load_table(result, index, e)
     if result.get("command"):
         lines += ["", f"Command: `{result['command']}`"]
     if details:

@@ -171,6 +171,7 @@ class VaeRuntime:
         runner_factory=None,
         unavailable_reason=None,
         allow_fallback=True,
+        cuda_graphs=False,
     ):
         """
         engine_dir: a folder written by `vaebuild static` or `vaebuild multiprofile`.
@@ -187,6 +188,8 @@ class VaeRuntime:
         unavailable_reason: `backend -> str | None` (default: the backend's check of each engine against this
             process: package installed, GPU, compute capability, torch version).
         allow_fallback: False raises EngineUnavailableError instead of running PyTorch (benchmarks use this).
+        cuda_graphs: replay AOTInductor packages from CUDA graphs, one captured per input shape on its first
+            call (fewer launch gaps; each captured shape keeps its intermediate tensors allocated). CUDA only.
         """
         import torch
 
@@ -217,6 +220,14 @@ class VaeRuntime:
         self.resident = resident
         self.memory_budget = memory_budget
         self.allow_fallback = allow_fallback
+        if cuda_graphs:
+            other = sorted({e.backend for e in all_entries} - {"inductor"})
+            if self.device.type != "cuda" or other:
+                raise UserInputError(
+                    f"cuda_graphs needs AOTInductor packages on a CUDA device; {self.engine_dir} holds "
+                    f"{', '.join(other) or 'inductor'} engines and the device is {self.device}: drop cuda_graphs"
+                )
+        self.cuda_graphs = cuda_graphs
         self._runner_factory = runner_factory or self._backend_runner
         self._injected_reason = unavailable_reason
         self._by_path = {e.rel_path: e for e in all_entries}
@@ -479,7 +490,7 @@ class VaeRuntime:
     def _backend_runner(self, engine_path, backend, profile_index):
         entry = self._by_path[Path(engine_path).relative_to(self.engine_dir).as_posix()]
         return get_backend(backend).load_runner(
-            engine_path, entry.raw, profile_index, weights=self.weights, device=self.device
+            engine_path, entry.raw, profile_index, weights=self.weights, device=self.device, cuda_graphs=self.cuda_graphs
         )
 
     def _infer(self, runner, entry, x):

@@ -105,9 +105,10 @@ class InductorBackend:
                     f"{torch.version.cuda}; rebuild it")
         return None
 
-    def load_runner(self, engine_path, entry, profile_index=0, weights=None, name=None, device=None):
-        """A Polygraphy runner for the package (any shape within its profiles; `weights`: FolderWeights)."""
-        return make_runner(engine_path, entry, weights, device, name)
+    def load_runner(self, engine_path, entry, profile_index=0, weights=None, name=None, device=None, cuda_graphs=False):
+        """A Polygraphy runner for the package (any shape within its profiles; `weights`: FolderWeights;
+        `cuda_graphs`: replay each input shape's calls from a CUDA graph)."""
+        return make_runner(engine_path, entry, weights, device, name, cuda_graphs)
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -260,7 +261,7 @@ def attach_weights(loader, tensors, where):
     loader.load_constants({name: tensors[name] for name in names}, False, True, True)
 
 
-def make_runner(engine_path, entry, weights, device, name=None):
+def make_runner(engine_path, entry, weights, device, name=None, cuda_graphs=False):
     """A `PackageRunner` for one package of `entry` (not yet activated)."""
     import torch
 
@@ -274,6 +275,7 @@ def make_runner(engine_path, entry, weights, device, name=None):
         Path(engine_path), torch.device(device or entry.get("device", "cpu")), get_precision(entry["precision"]).dtype,
         entry["input"], entry["output"], shape, weights if entry.get("weights") == "folder" else None, name,
         channels_last=entry.get("weight_layout") == "channels_last",  # absent: packages built before the field
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -284,16 +286,25 @@ class PackageRunner:
 
     Not a `polygraphy.backend.base.BaseRunner` subclass: importing Polygraphy would add tens of
     milliseconds to the first package load of a process, and the runtime never needs it.
+
+    `cuda_graphs=True` (CUDA only) loads the package single-threaded and replays its calls from one CUDA
+    graph per input shape (`vaebuild.cuda_graph.GraphedCall`): the first call of a shape captures, later
+    ones only copy the input in; outputs are the graph's buffers, overwritten by the next call.
     """
 
     def __init__(self, engine_path, device, dtype, input_name, output_name, shape, weights, name=None,
-                 channels_last=False):
+                 channels_last=False, cuda_graphs=False):
+        if cuda_graphs and device.type != "cuda":
+            raise UserInputError(f"CUDA graphs need a CUDA device and {engine_path.name} runs on {device}; "
+                                 "drop cuda_graphs (--cuda-graphs)")
         self.engine_path, self.device, self.dtype = engine_path, device, dtype
         self.input_name, self.output_name, self.shape = input_name, output_name, shape
         self.weights = weights  # FolderWeights for a weight-free package, else None
         self.channels_last = channels_last  # the package takes 4-D weights channels-last
+        self.cuda_graphs = cuda_graphs
         self.name = name or engine_path.name
         self.loader = None
+        self.call = None  # loader.run on one input, or its GraphedCall
         self.inference_time = None
 
     @property
@@ -304,13 +315,18 @@ class PackageRunner:
         """Load the package (and point a weight-free one at the folder's shared weights)."""
         if not self.engine_path.is_file():
             raise UserInputError(f"package file not found: {self.engine_path}")
-        loader = load_package(self.engine_path, self.device)
+        from vaebuild.cuda_graph import GraphedCall
+
+        loader = load_package(self.engine_path, self.device, single_threaded=self.cuda_graphs)
         if self.weights is not None:
             attach_weights(loader, self.weights.tensors(self.device, self.channels_last), self.engine_path)
         self.loader = loader
+        self.call = lambda x: loader.run([x])[0]  # noqa: E731
+        if self.cuda_graphs:
+            self.call = GraphedCall(self.call)
 
     def deactivate(self):
-        self.loader = None
+        self.loader = self.call = None
 
     def __enter__(self):
         self.activate()
@@ -338,7 +354,7 @@ class PackageRunner:
             raise UserInputError(f"{self.name} takes {self.dtype} {self.shape}, got {x.dtype} {list(x.shape)}")
         x = x.to(device=self.device, dtype=self.dtype).contiguous()
         start = time.perf_counter()
-        out = self.loader.run([x])[0]
+        out = self.call(x)
         self.inference_time = time.perf_counter() - start
         return OrderedDict([(self.output_name, out.cpu() if copy_outputs_to_host else out)])
 

@@ -82,8 +82,11 @@ class TensorRTBackend:
         """None if engines of this backend can run on `device` here, else a one-line reason."""
         return runtime_unavailable_reason(self.name)
 
-    def load_runner(self, engine_path, entry, profile_index=0, weights=None, name=None, device=None):
+    def load_runner(self, engine_path, entry, profile_index=0, weights=None, name=None, device=None, cuda_graphs=False):
         """Polygraphy `TrtRunner` for the engine, using optimization profile `profile_index`."""
+        if cuda_graphs:
+            raise UserInputError(f"CUDA graphs are offered for AOTInductor packages, not TensorRT engines ({engine_path}); "
+                                 "drop cuda_graphs (--cuda-graphs)")
         return load_trt_runner(engine_path, self.name, profile_index, name=name)
 
 

@@ -47,6 +47,10 @@ JsonOption = Annotated[
     Optional[Path], typer.Option("--json", help="Write every row, timing and environment detail as JSON here.")
 ]
 MarkdownOption = Annotated[Optional[Path], typer.Option("--markdown", help="Write the Markdown tables here.")]
+CudaGraphsOption = Annotated[
+    bool, typer.Option("--cuda-graphs", help="Also time each --engines folder's AOTInductor packages replayed from "
+                       "CUDA graphs (one more engine column; CUDA only).")
+]
 
 
 @reports_errors
@@ -66,6 +70,7 @@ def bench(
     flops: FlopsOption = True,
     json_path: JsonOption = None,
     markdown_path: MarkdownOption = None,
+    cuda_graphs: CudaGraphsOption = False,
 ):
     """Measure VAE encoder and decoder latency per size: diffusers 3-D, vaebuild 2-D, and built engines."""
     from vaebuild.bench import BenchOptions, default_sizes, parse_sizes, render_markdown, run_bench, write_results
@@ -81,6 +86,7 @@ def bench(
         batch=batch,
         engines=tuple(engines or ()),
         flops=flops,
+        cuda_graphs=cuda_graphs,
     )
     options.resolve()  # fail on a bad --device before loading the model
     log = lambda text: typer.echo(text, err=True)  # noqa: E731  progress on stderr, tables on stdout
