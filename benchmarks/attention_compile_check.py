@@ -1,0 +1,87 @@
+"""Compile the head-dim-384 attention kernel for Hopper on any machine (no GPU) and report its resources.
+
+    python benchmarks/attention_compile_check.py [CONFIG ...]
+
+CONFIG: `KernelConfig` fields as `key=value,...` (e.g. `block_n=64,num_stages=1`); default: the shipped
+config. Each is compiled by Triton for `GPUTarget("cuda", 90, 32)` with the `tt.divisibility=16` hints the
+JIT gives the GPU launch (q/k/v views of diffusers' [1, 1, N, 1152] tensor: every pointer and stride is
+divisible by 16), then Triton's bundled `ptxas -v` gives registers and spills and `nvdisasm` the
+instructions of the key-block loop (the longest backward branch): HGMMA, MUFU, BAR, local loads/stores.
+Needs Triton (`pip install triton`); `benchmarks/attention_kernel_notes.md` records the results.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import fields, replace
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vaebuild import attention_triton
+from vaebuild.attention_triton import DEFAULT_CONFIG, KernelConfig
+
+STRIDES = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
+           "stride_vn", "stride_ob", "stride_oh", "stride_os", "stride_on"]
+LOOP_COUNTS = {"instructions": r"/\*[0-9a-f]{4}\*/", "HGMMA": r"HGMMA", "MUFU": r"MUFU", "BAR": r"\bBAR\b",
+               "STL": r"\bSTL\b", "LDL": r"\bLDL\b", "LDG": r"\bLDG", "FMUL": r"\bFMUL"}
+
+
+def compile_kernel(config):
+    """The compiled `_attention_fwd` for `config` (bf16 inputs, fp32 split partials)."""
+    signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*fp32", "Lse": "*fp32"}
+    signature |= {name: "i32" for name in [*STRIDES, "H", "N", "blocks_per_split"]}
+    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=config.tma, LAZY=config.lazy_rescale,
+                     WARP_SPECIALIZE=config.warp_specialize, SPLIT=True)
+    signature |= {name: "constexpr" for name in constants}
+    names = list(signature)
+    divisible = ["Q", "K", "V", "Out", "Lse", *STRIDES, "blocks_per_split"]
+    source = ASTSource(
+        attention_triton._attention_fwd, signature,
+        constexprs={(names.index(k),): v for k, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible},
+    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def report(config):
+    """One line: registers, spills, shared memory and the key-block loop's instruction counts."""
+    kernel = compile_kernel(config)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        open(ptx, "w").write(kernel.asm["ptx"])
+        open(cubin, "wb").write(kernel.asm["cubin"])
+        ptxas = subprocess.run([os.path.join(tools, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", "/dev/null"],
+                               capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+    registers = re.search(r"Used (\d+) registers", ptxas).group(1)
+    spills = re.search(r"(\d+) bytes spill stores", ptxas).group(1)
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)) and labels.get(m.group(1), i) < i]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = lines[start:end + 1]
+    counts = {name: sum(1 for line in body if re.search(pattern, line)) for name, pattern in LOOP_COUNTS.items()}
+    return (f"{config}: {registers} registers, {spills} B spilled, {kernel.metadata.shared // 1024} KB shared; "
+            "loop " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+
+
+def parse(text):
+    """A KernelConfig from `key=value,...` over the shipped default."""
+    types = {f.name: f.type for f in fields(KernelConfig)}
+    values = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        values[key] = value == "True" if types[key] in (bool, "bool") else int(value)
+    return replace(DEFAULT_CONFIG, **values)
+
+
+if __name__ == "__main__":
+    for text in sys.argv[1:] or [""]:
+        print(report(parse(text)), flush=True)
