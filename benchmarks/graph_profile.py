@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -39,6 +40,7 @@ SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedde
     "shipped": {},
     "autotune": {"max_autotune": True},
     "atenautotune": {"max_autotune": True, "max_autotune_conv_backends": "ATEN"},
+    "persistent": {},  # shipped, compiled under `persistent_reductions()` (step 16)
 }
 # name: (graph, rewrites, settings); "<graph>/<rewrites>+<settings>".
 VARIANTS = {
@@ -86,13 +88,37 @@ def compile_variant(name, width, height, package_path):
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     x = graph_input(graph, width, height, "cuda", torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), (persistent_reductions() if settings == "persistent" else nullcontext()):
         exported = torch.export.export(module, (x,), strict=False)
         torch._inductor.aoti_compile_and_package(
             exported, package_path=str(package_path),
             inductor_configs={**package_configs(True, "cuda"), **SETTINGS[settings]},
         )
     return time.perf_counter() - start
+
+
+@contextmanager
+def persistent_reductions(max_elements=1024):
+    """Inductor compiles reductions of up to `max_elements` (static) elements as persistent, one-pass kernels.
+
+    Inductor's own rule keeps a reduction persistent up to 1024 elements only when its layout hint is
+    "inner", else up to 64: the RMS norms over 96 channels of the 1328x1328 levels became looped kernels
+    that read their input twice (the theory of benchmarks/speed_notes.md, step 16: measured, no gain).
+    """
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class Choices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            return (config.triton.persistent_reductions and not cooperative_reduction
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, max_elements))
+
+    with V.set_choices_handler(Choices()):
+        yield
 
 
 def median_ms(fn, x, warmup=3, runs=20):
