@@ -366,9 +366,8 @@ def test_graphed_call_captures_once_per_shape_and_copies_each_input_in(monkeypat
     assert torch.equal(call(a), a * 2 + 1)
     assert torch.equal(call(b), b * 2 + 1)  # same shape: replayed on the new input, not the captured one
     assert torch.equal(call(c), c * 2 + 1)
-    assert captures == [(2, 3), (4, 3)] and call.captured_shapes == [(2, 3), (4, 3)]
-    call.release()
-    assert call.captured_shapes == []
+    assert captures == [(2, 3), (4, 3)]
+    assert torch.equal(call(a), a * 2 + 1) and len(captures) == 2  # a shape seen before: replayed, not captured
 
 
 def test_graphed_call_refuses_cpu_tensors():

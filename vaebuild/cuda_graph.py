@@ -28,15 +28,6 @@ class GraphedCall:
         graph.replay()
         return static_out
 
-    @property
-    def captured_shapes(self):
-        """The input shapes captured so far, in capture order."""
-        return [key[0] for key in self._graphs]
-
-    def release(self):
-        """Drop every graph and its memory pool."""
-        self._graphs.clear()
-
     def _capture(self, x):
         import torch
 
