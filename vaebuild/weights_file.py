@@ -95,9 +95,12 @@ def read_to_device(path, device, check=None, channels_last=False):
 
     Compiled kernels assume aligned constants (views at the file's packed offsets gave CUDA
     "misaligned address" errors), so each tensor gets its own aligned slot, copied straight from the
-    file mapped into memory (populated at once: a `read()` of the 89 MB file cost 60 ms on the H100
-    host; a device staging buffer would stay in torch's allocator cache). `check(data, pool)`, if
-    given, runs on the file's bytes in a thread pool meanwhile, and raises to refuse the file.
+    file mapped into memory (a `read()` of the 89 MB file cost 50-90 ms on the H100 host; a device
+    staging buffer would stay in torch's allocator cache). The mapping is not populated up front: on a
+    freshly written file `MAP_POPULATE` took 32-38 ms there, one copy of the unpopulated mapping 13-17 ms;
+    on a file written minutes before, both loads took 19-27 ms (benchmarks/results/h100_weights_load_populate.log).
+    The copies (and the hash threads) fault the pages in as they read them. `check(data, pool)`, if given,
+    runs on the file's bytes in a thread pool meanwhile, and raises to refuse the file.
     """
     import torch
 
@@ -106,9 +109,8 @@ def read_to_device(path, device, check=None, channels_last=False):
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise UserInputError(f"{path} is {size} bytes, too short for a safetensors file; rebuild the folder")
-        # Private, writable (copy-on-write, never written) and populated up front: no read() copy of the file.
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Private and writable (copy-on-write, never written: torch.frombuffer wants a writable buffer).
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     data = memoryview(mapped)
     host = torch.frombuffer(mapped, dtype=torch.uint8)
     (header_size,) = struct.unpack("<Q", data[:8])
