@@ -93,15 +93,17 @@ def in_packages(folder, calls=5):
     from torch.profiler import ProfilerActivity, profile
 
     from vaebuild.inputs import sample_input
-    from vaebuild.runtime import VaeRuntime
+    from vaebuild.runtime import VaeRuntime, read_engine_dir
 
+    manifest, entries_by_graph = read_engine_dir(folder)
+    config = SimpleNamespace(**manifest["vae_config"])
     runtime = VaeRuntime(folder, resident="lazy", allow_fallback=False)
     rows = []
-    for graph, entries in runtime._entries.items():
+    for graph, entries in entries_by_graph.items():
         run = runtime.encode if graph == "encoder" else runtime.decode
         for entry in entries:
             shape = entry.profiles[0].opt
-            x = sample_input(graph, shape, SimpleNamespace(**runtime.manifest["vae_config"])).to("cuda", torch.bfloat16)
+            x = sample_input(graph, shape, config).to("cuda", torch.bfloat16)
             run(x)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:

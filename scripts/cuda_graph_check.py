@@ -17,20 +17,14 @@ from types import SimpleNamespace
 
 import torch
 
-from vaebuild.inputs import sample_images, sample_latents
+from vaebuild.inputs import sample_input
 from vaebuild.runtime import VaeRuntime, read_engine_dir
-
-
-def sample(graph, shape, vae_config, seed):
-    """An encoder image batch or decoder latent batch of the 5-D `shape`."""
-    if graph == "encoder":
-        return sample_images(shape, seed)
-    return sample_latents(shape, SimpleNamespace(**vae_config), seed)
 
 
 def check(folder, atol):
     """Rows of (engine, shape, max abs of call 1, of call 2, capture ms, graph MiB); True when all are within atol."""
     manifest, entries = read_engine_dir(folder)
+    config = SimpleNamespace(**manifest["vae_config"])
     plain = VaeRuntime(folder, resident="lazy", allow_fallback=False)
     graphed = VaeRuntime(folder, resident="lazy", allow_fallback=False, cuda_graphs=True)
     rows, ok = [], True
@@ -38,8 +32,7 @@ def check(folder, atol):
         call = {"encoder": "encode", "decoder": "decode"}[graph]
         for entry in graph_entries:
             for profile in entry.profiles:
-                x1, x2 = (sample(graph, profile.opt, manifest["vae_config"], seed).to("cuda", torch.bfloat16)
-                          for seed in (1, 2))
+                x1, x2 = (sample_input(graph, profile.opt, config, seed).to("cuda", torch.bfloat16) for seed in (1, 2))
                 graphed.prepare(graph, profile.opt)  # load first: only the capture is timed below
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
