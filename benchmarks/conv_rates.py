@@ -42,6 +42,7 @@ GEMM_RATE = 790e12  # bf16 FLOP/s of a large cuBLAS GEMM on the H100 (benchmarks
 
 
 def median_ms(fn, runs=50, warmup=10):
+    """CUDA-event median of `runs` calls of `fn()` after `warmup` ones (`vaebuild bench`'s timer)."""
     from vaebuild.bench import time_calls
 
     return statistics.median(time_calls(fn, torch.device("cuda"), warmup, runs))

@@ -10,21 +10,16 @@ line per graph. `benchmarks/conv_rates.py` shows the one shape where the full se
 (192 -> 384 channels at 332x332: 0.247 against 0.410 ms alone).
 """
 
-import statistics
 import sys
 from types import SimpleNamespace
 
 import torch
 
-from vaebuild.bench import time_calls
+from conv_rates import median_ms  # benchmarks/ sibling: the script's folder is on sys.path
 from vaebuild.inputs import sample_input
 from vaebuild.runtime import VaeRuntime
 
 SHAPES = {"decoder": (1, 16, 1, 166, 166), "encoder": (1, 3, 1, 1328, 1328)}
-
-
-def median_ms(fn, runs=30, warmup=5):
-    return statistics.median(time_calls(fn, torch.device("cuda"), warmup, runs))
 
 
 def main():
@@ -36,12 +31,12 @@ def main():
         plain = run(x).float()
         rows = []
         for _ in range(2):
-            rows.append(("plain", round(median_ms(lambda: run(x)), 3)))
+            rows.append(("plain", round(median_ms(lambda: run(x), runs=30, warmup=5), 3)))
             with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
                 for limit in (10, 0):
                     torch.backends.cudnn.benchmark_limit = limit
                     max_abs = (run(x).float() - plain).abs().max().item()
-                    rows.append((f"benchmark limit {limit}", round(median_ms(lambda: run(x)), 3), max_abs))
+                    rows.append((f"benchmark limit {limit}", round(median_ms(lambda: run(x), runs=30, warmup=5), 3), max_abs))
             torch.backends.cudnn.benchmark_limit = 10
         print(graph, rows, flush=True)
 

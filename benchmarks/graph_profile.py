@@ -65,7 +65,6 @@ def make_vae():
 
 
 def graph_input(graph, width, height, device, dtype, seed=0):
-
     generator = torch.Generator().manual_seed(seed)
     if graph == "encoder":
         x = torch.rand(1, 3, 1, height, width, generator=generator) * 2 - 1
@@ -76,7 +75,6 @@ def graph_input(graph, width, height, device, dtype, seed=0):
 
 def compile_variant(name, width, height, package_path):
     """Export and compile one variant's package (runs in a worker process); returns compile seconds."""
-
     from vaebuild.backends.inductor import package_configs
     from vaebuild.graphs import build_graphs
 
@@ -123,7 +121,6 @@ def persistent_reductions(max_elements=1024):
 
 def median_ms(fn, x, warmup=3, runs=20):
     """CUDA-event median of `runs` calls of `fn(x)` after `warmup` ones (`vaebuild bench`'s timer)."""
-
     from vaebuild.bench import time_calls
 
     return statistics.median(time_calls(lambda: fn(x), torch.device("cuda"), warmup, runs))
@@ -157,7 +154,6 @@ def category_of(kernel):
 
 def measure(names, packages, width, height):
     """One record per variant plus the diffusers baselines, all in this process."""
-
     from vaebuild.backends.inductor import load_package
     from vaebuild.cuda_graph import GraphedCall
     from vaebuild.graphs import build_graphs
@@ -237,7 +233,6 @@ def main():
     parser.add_argument("--compile-only", action="store_true", help="compile the packages and stop (measure later)")
     parser.add_argument("--reuse", action="store_true", help="keep packages already compiled in OUT/packages")
     args = parser.parse_args()
-
     width, height = (int(v) for v in args.size.split("x"))
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]

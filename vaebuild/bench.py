@@ -276,9 +276,12 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         if size.height % scale or size.width % scale:
             raise UserInputError(f"size {size.label} is not a multiple of {scale}, the VAE's downsampling factor")
 
+    from vaebuild.model_source import weights_sha256
+
+    model_sha256 = weights_sha256(vae) if options.engines else None
     opened = [
-        _open_engines(vae, folder, device, runner_factory, unavailable_reason, log, cuda_graphs)
-        for cuda_graphs in sorted({False, options.cuda_graphs})
+        _open_engines(model_sha256, folder, device, runner_factory, unavailable_reason, log, cuda_graphs)
+        for cuda_graphs in ((False, True) if options.cuda_graphs else (False,))
         for folder in options.engines
     ]
     fresh_loads = [{} for _ in opened]
@@ -348,9 +351,9 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
     }
 
 
-def _open_engines(vae, folder, device, runner_factory, unavailable_reason, log, cuda_graphs=False):
-    """(engine info for the JSON, VaeRuntime or None); a folder that cannot be opened becomes a reason."""
-    from vaebuild.model_source import weights_sha256
+def _open_engines(model_sha256, folder, device, runner_factory, unavailable_reason, log, cuda_graphs=False):
+    """(engine info for the JSON, VaeRuntime or None); a folder that cannot be opened becomes a reason.
+    `model_sha256`: `weights_sha256` of the benchmarked model, hashed once for every folder."""
     from vaebuild.runtime import VaeRuntime, read_engine_dir
 
     info = {"dir": str(folder), "cuda_graphs": cuda_graphs}
@@ -367,7 +370,7 @@ def _open_engines(vae, folder, device, runner_factory, unavailable_reason, log, 
         backend_versions=sorted({e["backend_version"] for e in engines}),
         files=[e["path"] for e in engines],
         model=manifest.get("model"),
-        weights_match=manifest.get("weights_sha256") == weights_sha256(vae),
+        weights_match=manifest.get("weights_sha256") == model_sha256,
     )
     if not info["weights_match"] and not cuda_graphs:
         log(f"note: the engines in {folder} were built from other weights than the benchmarked model")
