@@ -1,6 +1,6 @@
 """The `vaebuild::attention_d384` op on CPU: its SDPA fallback, torch.export, and the folded VAE using it.
 
-The Triton kernel itself needs a Hopper GPU: benchmarks/attention_kernel.py checks it there.
+The kernels themselves need a Hopper GPU: benchmarks/attention_kernel.py and benchmarks/attention_ws_kernel.py check them there.
 """
 
 import pytest
@@ -70,3 +70,20 @@ def test_fold_with_fast_attention_equals_diffusers_decode():
         torch.testing.assert_close(encoder(images), vae.encode(images).latent_dist.parameters, rtol=0, atol=1e-4)
         expected = torch.clamp(vae.decode(latents).sample, -1, 1)
         torch.testing.assert_close(decoder(latents), expected, rtol=0, atol=1e-4)
+
+
+def test_package_calls_the_op_by_name(tmp_path):
+    """An AOTInductor package keeps the op as a call by name (torch's proxy executor) and runs it when loaded."""
+    import zipfile
+
+    from vaebuild.backends.inductor import load_package
+
+    qkv = torch.randn(1, 1, 37, 3 * 384)
+    program = torch.export.export(_Attend(), (qkv,))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "attend.pt2"))
+    with zipfile.ZipFile(path) as archive:
+        extern_calls = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.json")]
+    assert any("vaebuild::attention_d384" in text for text in extern_calls)
+    other = torch.randn(1, 1, 37, 3 * 384)
+    out = load_package(path, "cpu").run([other])[0]
+    torch.testing.assert_close(out, _Attend()(other), rtol=0, atol=0)

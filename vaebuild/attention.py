@@ -1,14 +1,19 @@
 """Exact single-head attention for the VAE mid-block as the custom op `vaebuild::attention_d384`.
 
 On a Hopper GPU (compute capability 9.x) with bf16 or fp16 q, k, v of head dim 384 the op runs the
-Triton kernel of `vaebuild.attention_triton`; everywhere else (CPU, fp32, other head dims, no Triton)
-it is `F.scaled_dot_product_attention`. It is registered with `torch.library.triton_op`, so
-`torch.export` keeps it as one node and AOTInductor compiles its Triton kernels into the package.
+warp-specialized Gluon kernel of `vaebuild.attention_gluon` (the Triton kernel of `vaebuild.attention_triton`
+with a Triton older than 3.6); everywhere else (CPU, fp32, other head dims, no Triton) it is
+`F.scaled_dot_product_attention`. It is an operator with plain dispatcher kernels (CPU and CUDA) and a fake
+kernel: `torch.export` keeps it as one node and an AOTInductor package calls it by name at run time (through
+torch's proxy executor, as Gluon kernels cannot be compiled into a package), so a process that runs such a
+package imports this module first (`backends.inductor.load_package` does). Triton compiles the kernel on its
+first call in a process and keeps it in its disk cache (that first call: 0.9-1.2 s with the cache warm, ~6 s
+cold, on the H100 host).
 `FastAttentionBlock` is diffusers' `QwenImageAttentionBlock` with this op in place of SDPA.
 """
 
+import functools
 import importlib.util
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +23,7 @@ HEAD_DIM = 384
 
 
 def kernel_usable(q, k, v):
-    """Whether the Triton kernel handles these `[B, H, N, D]` inputs (else the op runs SDPA)."""
+    """Whether the Hopper kernels handle these `[B, H, N, D]` inputs (else the op runs SDPA)."""
     return (
         q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)
@@ -31,28 +36,38 @@ def kernel_usable(q, k, v):
     )
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v, equal to `F.scaled_dot_product_attention(q, k, v)`."""
-    if not kernel_usable(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-    from vaebuild.attention_triton import attention_forward
+@functools.cache
+def _kernel():
+    """The kernel for Hopper: the warp-specialized Gluon kernel (`attention_gluon`, Triton >= 3.6), else the
+    Triton kernel (`attention_triton`, older Triton without the Gluon API it uses)."""
+    import triton
 
-    return attention_forward(q, k, v, wrap=torch.library.wrap_triton)
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6):
+        from vaebuild.attention_gluon import attention_forward
+    else:
+        from vaebuild.attention_triton import attention_forward
+    return attention_forward
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(D)) v, equal to `F.scaled_dot_product_attention(q, k, v)` (returned contiguous)."""
+    if not kernel_usable(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).contiguous()
+    return _kernel()(q, k, v)
 
 
 def _register():
-    """Register `vaebuild::attention_d384`. Without Triton installed (CPU machines) torch logs a warning at
-    registration that would land in every CLI run's stderr; the op then always runs SDPA, so it is muted."""
-    torch_triton_log = logging.getLogger("torch._library.triton")
-    level = torch_triton_log.level
-    torch_triton_log.setLevel(logging.ERROR)
-    try:
-        return torch.library.triton_op("vaebuild::attention_d384", mutates_args=())(_attention)
-    finally:
-        torch_triton_log.setLevel(level)
+    """Define `vaebuild::attention_d384` with plain dispatcher kernels. (`torch.library.custom_op` would wrap each
+    call in code whose first run imports torch._dynamo and sympy: 1.6 s here, 7 s on the H100 host.)"""
+    library = torch.library.Library("vaebuild", "DEF")
+    library.define("attention_d384(Tensor q, Tensor k, Tensor v) -> Tensor")
+    library.impl("attention_d384", attention, "CPU")
+    library.impl("attention_d384", attention, "CUDA")
+    torch.library.register_fake("vaebuild::attention_d384", lambda q, k, v: q.new_empty(q.shape), lib=library)
+    return library
 
 
-attention = _register()
+_LIBRARY = _register()
 
 
 class FastAttentionBlock(nn.Module):

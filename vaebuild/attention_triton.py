@@ -189,7 +189,7 @@ def _combine(
 
 
 @functools.cache
-def _set_tma_allocator():
+def set_tma_allocator():
     """Device-side tensor descriptors need a global scratch allocator (Triton asks for one)."""
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
@@ -204,24 +204,33 @@ def choose_splits(programs, key_blocks, sm_count, max_splits=8):
     return min(range(1, min(max_splits, key_blocks) + 1), key=lambda s: (cost(s), s))
 
 
-def _loadable(t, tma):
-    """Whether the kernel reads `t` in place: unit column stride, and 16-byte alignment for TMA."""
+def loadable(t, tma):
+    """Whether a kernel reads `t` in place: unit column stride, and 16-byte alignment for TMA."""
     size = t.element_size()
     aligned = (t.storage_offset() * size) % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
     return t.stride(-1) == 1 and (aligned or not tma)
 
 
-def attention_forward(q, k, v, config=None, wrap=lambda kernel: kernel):
-    """softmax(q kᵀ / sqrt(384)) v for CUDA bf16/fp16 `[B, H, N, 384]` q, k, v; `wrap` = torch.library.wrap_triton."""
-    config = config or DEFAULT_CONFIG
+@dataclass(frozen=True)
+class SplitPlan:
+    """Grid and outputs of a key-split launch: with one split the kernel writes `out` itself, else fp32 partial
+    outputs (`target`, strides `target_strides`: batch, head, split, row) and log-sum-exps (`lse`)."""
+
+    grid: tuple
+    blocks_per_split: int
+    out: torch.Tensor
+    target: torch.Tensor
+    lse: torch.Tensor
+    target_strides: tuple
+
+
+def plan_splits(q, block_m, block_n, splits=0):
+    """The SplitPlan for `[B, H, N, 384]` q with BLOCK_M query rows per program; `splits=0` uses `choose_splits`."""
     batch, heads, n, _ = q.shape
-    if config.tma:
-        _set_tma_allocator()
-    q, k, v = (t if _loadable(t, config.tma) else t.contiguous() for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    key_blocks = -(-n // config.block_n)
-    q_blocks = -(-n // config.block_m)
-    splits = config.splits or choose_splits(
+    key_blocks = -(-n // block_n)
+    q_blocks = -(-n // block_m)
+    splits = splits or choose_splits(
         q_blocks * batch * heads, key_blocks, torch.cuda.get_device_properties(q.device).multi_processor_count
     )
     blocks_per_split = -(-key_blocks // max(1, min(splits, key_blocks)))
@@ -232,18 +241,35 @@ def attention_forward(q, k, v, config=None, wrap=lambda kernel: kernel):
         target = torch.empty((batch * heads, splits, n, HEAD_DIM), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch * heads, splits, n), dtype=torch.float32, device=q.device)
         target_strides = (heads * target.stride(0), target.stride(0), target.stride(1), target.stride(2))
-    wrap(_attention_fwd)[(q_blocks, batch * heads, splits)](
-        q, k, v, target, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *target_strides,
-        heads, n, blocks_per_split,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=config.tma, LAZY=config.lazy_rescale,
-        WARP_SPECIALIZE=config.warp_specialize, SPLIT=splits > 1,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    return SplitPlan((q_blocks, batch * heads, splits), blocks_per_split, out, target, lse, target_strides)
+
+
+def combine(plan):
+    """The attention output of a launch planned by `plan`: its split partials merged by `_combine`."""
+    splits = plan.grid[2]
     if splits > 1:
-        wrap(_combine)[(-(-n // 64), batch * heads)](
-            target, lse, out, out.stride(0), out.stride(1), out.stride(2), heads, n,
+        out = plan.out
+        _combine[(-(-out.shape[2] // 64), plan.grid[1])](
+            plan.target, plan.lse, out, out.stride(0), out.stride(1), out.stride(2), out.shape[1], out.shape[2],
             SPLITS=splits, BLOCK_M=64, num_warps=4,
         )
-    return out
+    return plan.out
+
+
+def attention_forward(q, k, v, config=None):
+    """softmax(q kᵀ / sqrt(384)) v for CUDA bf16/fp16 `[B, H, N, 384]` q, k, v."""
+    config = config or DEFAULT_CONFIG
+    if config.tma:
+        set_tma_allocator()
+    q, k, v = (t if loadable(t, config.tma) else t.contiguous() for t in (q, k, v))
+    plan = plan_splits(q, config.block_m, config.block_n, config.splits)
+    _attention_fwd[plan.grid](
+        q, k, v, plan.target, plan.lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        *plan.target_strides,
+        q.shape[1], q.shape[2], plan.blocks_per_split,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=config.tma, LAZY=config.lazy_rescale,
+        WARP_SPECIALIZE=config.warp_specialize, SPLIT=plan.grid[2] > 1,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return combine(plan)

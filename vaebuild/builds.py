@@ -119,7 +119,7 @@ class BuildSource:
 
 def uses_fast_attention(profiles):
     """Whether a compiled (pytorch-built) engine for these profiles runs `vaebuild::attention_d384`: static
-    shapes only, since the attention kernel picks its launch from the token count."""
+    shapes only (dynamic-shape packages keep SDPA: the op inside them has not been run on a GPU)."""
     return all(tuple(r[0]) == tuple(r[2]) for p in profiles for r in p.values())
 
 

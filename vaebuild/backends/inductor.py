@@ -3,8 +3,8 @@
 Build: `torch.export` of the graph module at the profile's opt shape (height and width symbolic
 within the profiles' min..max when they differ; the encoder's sides as multiples of 8), then
 `torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
-`vaebuild::attention_d384` (the Triton kernel of `vaebuild.attention` on Hopper, SDPA elsewhere; its
-key split is chosen from the token count, so dynamic-shape packages keep SDPA); every package computes
+`vaebuild::attention_d384` (the kernels of `vaebuild.attention` on Hopper, SDPA elsewhere; a custom op
+that the package calls by name at run time); every package computes
 the upsamplers as transposed convolutions and the convolutions from and to RGB over their taps
 (`single_frame`'s `conv_rewrites`), with its convolution weights channels-last (entry field
 `weight_layout`: a weight-free package is given them in that layout), and CUDA packages tune their Triton kernels' launch settings by timing them while
@@ -232,6 +232,8 @@ def load_package(path, device, single_threaded=False):
     run), which CUDA-graph capture forbids; such a loader must not be run from two threads at once.
     """
     import torch
+
+    import vaebuild.attention  # noqa: F401 - registers `vaebuild::attention_d384`, which packages call by name
 
     promote_libstdcxx()
     device = torch.device(device)
