@@ -19,7 +19,6 @@ Measured on an H100 (benchmarks/attention_kernel_notes.md, run 5): 2.28 ms at 27
 separate producer warp the consumers get 240 registers, and ptxas serializes every wgmma (C7512).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +26,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from vaebuild.attention_triton import combine, loadable, plan_splits, set_tma_allocator
+from vaebuild.attention_triton import QK_SCALE, RESCALE_THRESHOLD, combine, loadable, plan_splits, set_tma_allocator
 
 HEAD_DIM = gl.constexpr(384)
 CHUNK = gl.constexpr(128)  # TMA boxes are at most 256 wide: the head dim is moved in three 128-wide chunks
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
-RESCALE_THRESHOLD = gl.constexpr(8.0)  # log2 units: rescale once a row max grew by more than 2^8
-QK_SCALE = gl.constexpr(1.0 / math.sqrt(384) * math.log2(math.e))  # softmax scale, exp2 domain
 
 
 @dataclass(frozen=True)
