@@ -1,6 +1,8 @@
 """Triton flash-attention forward for head dim 384 (the Qwen-Image VAE mid-block attention) on Hopper.
 
-Imported only when the CUDA path of `vaebuild.attention` runs: it needs Triton.
+Imported only when the CUDA path of `vaebuild.attention` runs: it needs Triton. The op runs this kernel with a
+Triton older than 3.6; with 3.6 it runs the warp-specialized kernel of `attention_gluon`, which shares the key-split
+planning and combine here (`plan_splits`, `combine`).
 
 One program owns BLOCK_M query rows of one (batch, head) and all 384 output columns, split into three
 128-wide chunks (three fp32 accumulators); S = q0·k0ᵀ + q1·k1ᵀ + q2·k2ᵀ; online softmax in the exp2
