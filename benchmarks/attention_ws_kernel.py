@@ -37,7 +37,7 @@ def measure(name):
     import torch
     import torch.nn.functional as F
     import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from attention_kernel import errors, poisoned, qkv_views, reference  # benchmarks/ sibling: on sys.path
 
     from vaebuild import attention_gluon, attention_triton
 
@@ -49,20 +49,12 @@ def measure(name):
         forward = lambda q, k, v: attention_gluon.attention_forward(q, k, v, config)  # noqa: E731
         row = {"variant": name, **asdict(config)}
 
-    def views(n, dtype, seed):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        return torch.randn(1, 1, n, 3 * 384, device="cuda", dtype=dtype, generator=gen).chunk(3, dim=-1)
-
     for dtype_name, n in CHECKS:
         dtype = getattr(torch, dtype_name)
-        q, k, v = views(n, dtype, n)
-        torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
-        out = forward(q, k, v)
-        with sdpa_kernel([SDPBackend.MATH]):
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        diff = (out.float() - ref).nan_to_num(nan=float("inf"))
-        row[f"{dtype_name} {n}"] = [diff.abs().max().item(), (diff.norm() / ref.norm()).item()]
-    q, k, v = views(TOKENS, torch.bfloat16, 5)
+        q, k, v = qkv_views(n, dtype, n)
+        error = errors(poisoned(lambda: forward(q, k, v), q.shape, dtype), reference(q, k, v))
+        row[f"{dtype_name} {n}"] = [error["max_abs"], error["rel"]]
+    q, k, v = qkv_views(TOKENS, torch.bfloat16, 5)
     row["ms"] = triton.testing.do_bench(lambda: forward(q, k, v), warmup=25, rep=200, return_mode="median")
     row["sdpa_ms"] = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100, return_mode="median")
     print("ROW " + json.dumps(row), flush=True)

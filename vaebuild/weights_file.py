@@ -136,12 +136,12 @@ def read_to_device(path, device, check=None, channels_last=False):
     for name, (slot, start, end) in slots.items():
         dtype = getattr(torch, _DTYPES[header[name]["dtype"]])
         tensors[name] = _logical(flat[slot:slot + end - start].view(dtype).view(header[name]["shape"]), stored_channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for name in rearranged:  # on the device, after every host copy: device copies do not wait for the host
         slot, start, end = slots[name]
         tensor = tensors[name]
         copy = flat[spare:spare + end - start].view(tensor.dtype).as_strided(tensor.shape, tensor.stride())
         copy.copy_(tensor)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         strides = torch.empty(tensor.shape, device="meta", memory_format=memory_format).stride()
         tensors[name] = flat[slot:slot + end - start].view(tensor.dtype).as_strided(tensor.shape, strides)
         tensors[name].copy_(copy)
