@@ -50,7 +50,7 @@ def mid_block_qkv(graph, x):
 
 
 def data_dependence():
-    encoder, decoder = (g.to("cuda", torch.bfloat16) for g in build_graphs(make_vae(), fast_attention=True))
+    encoder, decoder = (g.to("cuda", torch.bfloat16) for g in build_graphs(make_vae(), fast_attention=True, fused_norms=True))
     inputs = {
         "encoder": mid_block_qkv(encoder, graph_input("encoder", 1328, 1328, "cuda", torch.bfloat16)),
         "decoder": mid_block_qkv(decoder, graph_input("decoder", 1328, 1328, "cuda", torch.bfloat16)),

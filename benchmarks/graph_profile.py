@@ -33,7 +33,8 @@ REWRITES = {
     "sdpa": ({}, False),
     "attention": ({"fast_attention": True}, False),
     "rewrites": ({"fast_attention": True, "conv_rewrites": True}, False),
-    "shipped": ({"fast_attention": True, "conv_rewrites": True}, True),
+    "unfused": ({"fast_attention": True, "conv_rewrites": True}, True),  # shipped before step 19
+    "shipped": ({"fast_attention": True, "conv_rewrites": True, "fused_norms": True}, True),
 }
 SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedded weights)
     "default": {"coordinate_descent_tuning": False},
@@ -52,6 +53,7 @@ VARIANTS = {
 DEFAULT_VARIANTS = "decoder/attention+default,decoder/shipped+shipped,encoder/attention+default,encoder/shipped+shipped"
 CATEGORIES = (  # (category, kernel name prefixes or substrings), first match wins
     ("attention", ("_attention_fwd", "_combine", "fmha", "flash")),
+    ("conv + norm (Gluon)", ("_conv3x3_fwd",)),
     ("triton conv/mm template", ("triton_tem",)),
     ("triton fused", ("triton_",)),
     ("cuDNN/cuBLAS conv/gemm", ("xmma", "cutlass", "cudnn", "nvjet", "gemm")),

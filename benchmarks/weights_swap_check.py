@@ -34,7 +34,7 @@ def main():
     runtime = VaeRuntime(args.folder, resident="lazy", allow_fallback=False)
     dtype = get_precision(runtime.manifest["precision"]).dtype
     vae = load_vae(ModelSource(random_init=True, seed=1))
-    graphs = [g.to(device="cuda", dtype=dtype) for g in build_graphs(vae, fast_attention=True)]
+    graphs = [g.to(device="cuda", dtype=dtype) for g in build_graphs(vae, fast_attention=True, fused_norms=True)]
     z = sample_latents((1, vae.config.z_dim, 1, height // 8, width // 8), vae.config, seed=3).to("cuda", dtype)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         path = Path(tmp) / "seed1.safetensors"

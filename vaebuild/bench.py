@@ -290,7 +290,7 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
             log(f"measuring engine loads of {info['dir']} in fresh processes ...")
             loads.update(measure_fresh_loads(runtime, device, info, log))
     log(f"preparing models on {_device_name(device)} in {precision} ...")
-    encoder2d, decoder2d = (m.to(device=device, dtype=dtype) for m in build_graphs(vae, fast_attention=True))
+    encoder2d, decoder2d = (m.to(device=device, dtype=dtype) for m in build_graphs(vae, fast_attention=True, fused_norms=True))
     # nn.Module.to: diffusers' own `to` warns about float32-kept modules even when there are none (this VAE).
     vae3d = torch.nn.Module.to(copy.deepcopy(vae), device=device, dtype=dtype).eval()
     flops = {}

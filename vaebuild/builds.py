@@ -113,13 +113,14 @@ class BuildSource:
             "output_name": graph_record["output"]["name"],
             "spatial_multiple": graph_record["spatial_multiple"],
             "embed_weights": options.embed_weights,
-            "fast_attention": uses_fast_attention(profiles),
+            "fast_kernels": uses_fast_kernels(profiles),
         }
 
 
-def uses_fast_attention(profiles):
-    """Whether a compiled (pytorch-built) engine for these profiles runs `vaebuild::attention_d384`: static
-    shapes only (dynamic-shape packages keep SDPA: the op inside them has not been run on a GPU)."""
+def uses_fast_kernels(profiles):
+    """Whether a compiled (pytorch-built) engine for these profiles runs the Hopper kernels' ops
+    (`vaebuild::attention_d384`, `vaebuild::conv3x3_rms_silu`): static shapes only (dynamic-shape packages keep
+    inductor's own kernels and SDPA: the ops inside them have not been run on a GPU)."""
     return all(tuple(r[0]) == tuple(r[2]) for p in profiles for r in p.values())
 
 
@@ -218,7 +219,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
                 backend=options.backend,
                 backend_version=backend_version,
                 target=target,
-                fast_attention=backend.builds_from == "pytorch" and uses_fast_attention(requested),
+                fast_kernels=backend.builds_from == "pytorch" and uses_fast_kernels(requested),
             )
             prefix = f"[{index}/{len(plan)}] {rel_path}"
             old = previous_entries.get(rel_path)

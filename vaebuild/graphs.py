@@ -71,18 +71,19 @@ def describe_graphs(vae):
     )
 
 
-def build_graphs(vae, fold=True, fast_attention=False, conv_rewrites=False):
+def build_graphs(vae, fold=True, fast_attention=False, conv_rewrites=False, fused_norms=False):
     """The (encoder, decoder) graph modules of `vae`; `fold=True` applies the single-frame 2-D rewrite.
 
     With `fold`: `fast_attention=True` runs the mid-block attention through `vaebuild::attention_d384`,
-    `conv_rewrites=True` runs the upsamplers as transposed convolutions and the RGB convolution over its taps.
+    `conv_rewrites=True` runs the upsamplers as transposed convolutions and the RGB convolution over its taps,
+    `fused_norms=True` the 96-channel residual blocks' conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu`.
     """
-    source = fold_single_frame(vae, fast_attention, conv_rewrites) if fold else vae
+    source = fold_single_frame(vae, fast_attention, conv_rewrites, fused_norms) if fold else vae
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()
 
 
 def build_graph_modules_from_weights(vae_config, weights_path, precision, device, fast_attention=False,
-                                     conv_rewrites=False):
+                                     conv_rewrites=False, fused_norms=False):
     """{"encoder", "decoder"}: the 2-D graphs of the architecture `vae_config` holding a weights file's tensors."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -91,7 +92,8 @@ def build_graph_modules_from_weights(vae_config, weights_path, precision, device
 
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage.from_config(vae_config).eval()
-    encoder, decoder = build_graphs(vae, fast_attention=fast_attention, conv_rewrites=conv_rewrites)
+    encoder, decoder = build_graphs(vae, fast_attention=fast_attention, conv_rewrites=conv_rewrites,
+                                    fused_norms=fused_norms)
     dtype = get_precision(precision).dtype
     modules = {"encoder": encoder.to_empty(device="cpu"), "decoder": decoder.to_empty(device="cpu")}
     load_into(modules.values(), weights_path)

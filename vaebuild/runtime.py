@@ -525,7 +525,7 @@ class VaeRuntime:
             from vaebuild.graphs import build_graphs
 
             vae = self._fallback_vae if self._fallback_vae is not None else self._load_manifest_model()
-            encoder, decoder = build_graphs(vae, fold=True, fast_attention=True)
+            encoder, decoder = build_graphs(vae, fold=True, fast_attention=True, fused_norms=True)
             self._fallback_graphs = {
                 "encoder": encoder.to(device=self.device, dtype=self.dtype),
                 "decoder": decoder.to(device=self.device, dtype=self.dtype),

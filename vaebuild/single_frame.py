@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaebuild.attention import FastAttentionBlock
+from vaebuild.conv_norm import CHANNELS as FUSED_NORM_CHANNELS
+from vaebuild.conv_norm import FusedNormResidualBlock, fusable
 
 
 class SingleFrameConv(nn.Module):
@@ -151,11 +153,13 @@ class TapPlanesConv(SingleFrameConv):
 TAPS_CONV_MAX_CHANNELS = 4  # input (or output) channels up to which a convolution runs as `TapsConv` (`TapPlanesConv`)
 
 
-def fold_single_frame(vae, fast_attention=False, conv_rewrites=False):
+def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norms=False):
     """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
 
     `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
-    `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `conv_rewrites=True` runs each
+    `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `fused_norms=True` runs each 96-channel
+    residual block's `conv1 -> norm2 -> SiLU` as `vaebuild::conv3x3_rms_silu` (`conv_norm.FusedNormResidualBlock`:
+    a Gluon kernel on Hopper, diffusers' computation elsewhere); `conv_rewrites=True` runs each
     upsampler as `TransposedUpsampleConv`, convolutions of RGB input as `TapsConv` and 3x3 convolutions to
     RGB as `TapPlanesConv`. ONNX export uses none of them (TensorRT picks its own kernels).
     """
@@ -163,6 +167,7 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False):
         QwenImageAttentionBlock,
         QwenImageCausalConv3d,
         QwenImageResample,
+        QwenImageResidualBlock,
         QwenImageUpsample,
     )
 
@@ -187,4 +192,10 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False):
                 setattr(parent, name, NearestUpsample2x())
             elif fast_attention and isinstance(child, QwenImageAttentionBlock):
                 setattr(parent, name, FastAttentionBlock(child))
+    if fused_norms:
+        for parent in list(folded.modules()):
+            for name, child in list(parent.named_children()):
+                if (isinstance(child, QwenImageResidualBlock) and child.in_dim == child.out_dim == FUSED_NORM_CHANNELS
+                        and fusable(child)):
+                    setattr(parent, name, FusedNormResidualBlock(child))
     return folded

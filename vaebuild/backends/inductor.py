@@ -3,8 +3,9 @@
 Build: `torch.export` of the graph module at the profile's opt shape (height and width symbolic
 within the profiles' min..max when they differ; the encoder's sides as multiples of 8), then
 `torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
-`vaebuild::attention_d384` (the kernels of `vaebuild.attention` on Hopper, SDPA elsewhere; a custom op
-that the package calls by name at run time); every package computes
+`vaebuild::attention_d384` (the kernels of `vaebuild.attention` on Hopper, SDPA elsewhere) and the 96-channel
+residual blocks' conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu` (`vaebuild.conv_norm`: a Gluon kernel
+on Hopper, diffusers' computation elsewhere): custom ops that the package calls by name at run time; every package computes
 the upsamplers as transposed convolutions and the convolutions from and to RGB over their taps
 (`single_frame`'s `conv_rewrites`), with its convolution weights channels-last (entry field
 `weight_layout`: a weight-free package is given them in that layout), and CUDA packages tune their Triton kernels' launch settings by timing them while
@@ -129,8 +130,8 @@ def compile_package(request) -> EngineInfo:
     # Convolution rewrites (any shape): the upsamplers at 4/9 of their multiply-adds, the convolutions from and
     # to RGB over their taps.
     module = build_graph_modules_from_weights(
-        request["vae_config"], request["weights_path"], request["precision"], device, request["fast_attention"],
-        conv_rewrites=True,
+        request["vae_config"], request["weights_path"], request["precision"], device,
+        fast_attention=request["fast_kernels"], conv_rewrites=True, fused_norms=request["fast_kernels"],
     )[request["graph"]]
     # Convolution weights channels-last, the layout cuDNN's NHWC kernels take: else the package converts
     # each one on every call (and cuDNN copies the transposed convolutions' weights), 0.5 ms per decode.
@@ -234,6 +235,7 @@ def load_package(path, device, single_threaded=False):
     import torch
 
     import vaebuild.attention  # noqa: F401 - registers `vaebuild::attention_d384`, which packages call by name
+    import vaebuild.conv_norm  # noqa: F401 - and `vaebuild::conv3x3_rms_silu`
 
     promote_libstdcxx()
     device = torch.device(device)
