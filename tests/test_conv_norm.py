@@ -10,7 +10,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageResidualBlock
 
 from tests.conftest import make_tiny_vae
-from vaebuild.conv_norm import FusedNormResidualBlock, kernel_usable, reference
+from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample, kernel_usable, reference
 from vaebuild.graphs import build_graphs
 from vaebuild.single_frame import SingleFrameConv, fold_single_frame
 
@@ -50,6 +50,18 @@ def test_op_output_is_channels_last_and_equals_reference():
     assert out.shape == (2, 96, 6, 10)
 
 
+def test_conv3x3_add_pads_after_the_image_and_equals_conv_plus_residual():
+    _, folded = _folded_block(seed=5)
+    conv = folded.conv2.conv
+    x, residual = torch.randn(2, 96, 5, 7), torch.randn(2, 96, 5, 7)
+    with torch.no_grad():
+        out = torch.ops.vaebuild.conv3x3_add(x, conv.weight, conv.bias, residual, 1)
+        expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) + residual
+    assert out.shape == (2, 96, 6, 8) and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out[:, :, :5, :7], expected, rtol=0, atol=0)
+    assert not out[:, :, 5].any() and not out[:, :, :, 7].any()
+
+
 class _ConvNorm(torch.nn.Module):
     def __init__(self, folded):
         super().__init__()
@@ -57,7 +69,8 @@ class _ConvNorm(torch.nn.Module):
         self.gamma = folded.norm2.gamma
 
     def forward(self, x):
-        return torch.ops.vaebuild.conv3x3_rms_silu(x, self.conv.weight, self.conv.bias, self.gamma) * 2.0
+        y = torch.ops.vaebuild.conv3x3_rms_silu(x, self.conv.weight, self.conv.bias, self.gamma) * 2.0
+        return torch.ops.vaebuild.conv3x3_add(y, self.conv.weight, self.conv.bias, x, 1)
 
 
 def test_op_survives_export_and_packages_call_it_by_name(tmp_path):
@@ -69,11 +82,11 @@ def test_op_survives_export_and_packages_call_it_by_name(tmp_path):
     with torch.no_grad():
         program = torch.export.export(module, (x,))
         targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-        assert "vaebuild.conv3x3_rms_silu.default" in targets
+        assert {"vaebuild.conv3x3_rms_silu.default", "vaebuild.conv3x3_add.default"} <= targets
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "conv_norm.pt2"))
         with zipfile.ZipFile(path) as archive:
             extern_calls = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.json")]
-        assert any("vaebuild::conv3x3_rms_silu" in text for text in extern_calls)
+        assert any("vaebuild::conv3x3_rms_silu" in text and "vaebuild::conv3x3_add" in text for text in extern_calls)
         other = torch.randn(1, 96, 8, 12)
         out = load_package(path, "cpu").run([other])[0]
         torch.testing.assert_close(out, module(other), rtol=0, atol=0)
@@ -86,6 +99,12 @@ def test_fold_with_fused_norms_equals_diffusers():
     blocks = [m for m in vae.modules() if isinstance(m, QwenImageResidualBlock) and m.in_dim == m.out_dim == 96]
     assert len(fused) == len(blocks) > 0  # only the 96-channel blocks (the 192-channel ones stay as they were)
     assert not any(isinstance(m, FusedNormResidualBlock) for m in fold_single_frame(vae).modules())
+    # each 96-channel level's last block (levels 0 and 1 here) writes its output padded for the downsampler after it
+    layers = list(folded.encoder.down_blocks)
+    padded = [i for i, m in enumerate(layers) if isinstance(m, PaddedInputDownsample)]
+    assert len(padded) == 2 and all(layers[i - 1].pad_end == 1 for i in padded)
+    assert sum(isinstance(m, FusedNormResidualBlock) and m.pad_end for m in folded.modules()) == 2
+    assert folded.state_dict().keys() == fold_single_frame(vae).state_dict().keys()
     encoder, decoder = build_graphs(vae, fast_attention=True, conv_rewrites=True, fused_norms=True)
     images = torch.rand(1, 3, 1, 24, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = torch.randn(1, 4, 1, 3, 5, generator=torch.Generator().manual_seed(2))
@@ -93,3 +112,22 @@ def test_fold_with_fused_norms_equals_diffusers():
         torch.testing.assert_close(encoder(images), vae.encode(images).latent_dist.parameters, rtol=0, atol=1e-4)
         expected = torch.clamp(vae.decode(latents).sample, -1, 1)
         torch.testing.assert_close(decoder(latents), expected, rtol=0, atol=1e-4)
+
+
+def test_packages_use_the_op_from_1024x768_static_shapes_on():
+    from vaebuild.builds import FUSED_NORM_MIN_PIXELS, BuildSource
+
+    source = BuildSource({"graphs": {"encoder": {"spatial_multiple": 8}, "decoder": {"spatial_multiple": 1}}})
+
+    def static(graph, height, width):
+        shape = (1, 3, 1, height, width) if graph == "encoder" else (1, 16, 1, height // 8, width // 8)
+        return [{"x": (shape, shape, shape)}]
+
+    assert FUSED_NORM_MIN_PIXELS == 1024 * 768
+    for graph in ("encoder", "decoder"):
+        assert source.uses_fused_norms(graph, static(graph, 1328, 1328))
+        assert source.uses_fused_norms(graph, static(graph, 768, 1024))
+        assert not source.uses_fused_norms(graph, static(graph, 512, 512))
+        assert not source.uses_fused_norms(graph, static(graph, 480, 848))
+    dynamic = [{"x": ((1, 3, 1, 512, 512), (1, 3, 1, 1328, 1328), (1, 3, 1, 1920, 1920))}]
+    assert not source.uses_fused_norms("encoder", dynamic)  # dynamic shapes: inductor's own kernels

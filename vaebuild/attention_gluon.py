@@ -19,6 +19,7 @@ Measured on an H100 (benchmarks/attention_kernel_notes.md, run 5): 2.28 ms at 27
 separate producer warp the consumers get 240 registers, and ptxas serializes every wgmma (C7512).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -250,6 +251,7 @@ def _attention_fwd_ws(
     )
 
 
+@functools.cache
 def shared_layout(rows, dtype):
     """The swizzled shared-memory layout of a `[rows, 128]` tile that TMA writes and wgmma reads."""
     return gl.NVMMASharedLayout.get_default_for([rows, CHUNK.value], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)

@@ -114,7 +114,23 @@ class BuildSource:
             "spatial_multiple": graph_record["spatial_multiple"],
             "embed_weights": options.embed_weights,
             "fast_kernels": uses_fast_kernels(profiles),
+            "fused_norms": self.uses_fused_norms(graph, profiles),
         }
+
+    def uses_fused_norms(self, graph, profiles):
+        """Whether a compiled engine of `graph` for these profiles runs `vaebuild::conv3x3_rms_silu`: static shapes
+        (`uses_fast_kernels`) of at least FUSED_NORM_MIN_PIXELS image pixels."""
+        scale = 1 if graph == "encoder" else self.record["graphs"]["encoder"]["spatial_multiple"]
+        return uses_fast_kernels(profiles) and all(
+            r[1][3] * r[1][4] * scale**2 >= FUSED_NORM_MIN_PIXELS for p in profiles for r in p.values()
+        )
+
+
+# Image pixels from which a package runs the fused conv + norm op. Below, the op's host-side cost per call (a Python
+# kernel launch through the package's proxy executor) outweighs the GPU time it saves: on the H100, 512x512 and
+# 848x480 plain calls were 0.1-0.4 ms slower with it (equal when replayed from CUDA graphs), 768x1024 even, larger
+# sizes 0.3-1.0 ms faster (benchmarks/speed_notes.md, step 19).
+FUSED_NORM_MIN_PIXELS = 1024 * 768
 
 
 def uses_fast_kernels(profiles):
@@ -220,6 +236,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
                 backend_version=backend_version,
                 target=target,
                 fast_kernels=backend.builds_from == "pytorch" and uses_fast_kernels(requested),
+                fused_norms=backend.builds_from == "pytorch" and source.uses_fused_norms(graph, requested),
             )
             prefix = f"[{index}/{len(plan)}] {rel_path}"
             old = previous_entries.get(rel_path)

@@ -10,13 +10,15 @@ coordinates, so the convolution's zero padding is TMA's out-of-bounds fill. The 
 memory (166 KB, loaded once per program); the 96 output channels are two accumulators of 64 and 32 (Triton's
 tensor shapes are powers of two), each tile two 64-pixel wgmma pieces. The epilogue adds the bias and, with
 NORM, normalises each pixel over its channels (diffusers' `QwenImageRMS_norm`: x / max(||x||, 1e-12) * sqrt(C)
-* gamma) and applies SiLU in fp32 registers, then stores the tile (pixels outside the image masked).
+* gamma) and applies SiLU in fp32 registers, or adds a residual, then stores the tile (pixels outside the image
+masked; the output may have zero rows and columns after the image, as the downsamplers pad it).
 
 Measured on an H100 at 1328x1328 (benchmarks/results/conv_gluon_kernel_h100.md): 0.74 ms with the norm and SiLU
 against 0.89 ms for cuDNN's convolution plus inductor's norm kernel; the convolution alone runs at ~420 TFLOP/s
 against cuDNN's ~475 in the same run, so the gain is the norm's memory pass.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -76,16 +78,29 @@ def _mma(a_smem, row, w0_smem, w1_smem, step, acc0, acc1):
 
 
 @gluon.jit
-def _epilogue(acc0, acc1, bias0, bias1, gamma0, gamma1, Out, H, W, h0, w0, row0, TW: gl.constexpr, NORM: gl.constexpr):
-    """Bias (then with NORM the RMS norm over the 96 channels, gamma and SiLU) for 64 pixels of a tile (from the tile's
-    pixel row0 on), stored to the NHWC output (pixels outside the image masked)."""
+def _epilogue(acc0, acc1, bias0, bias1, gamma0, gamma1, Res, Out, H, W, OUT_W, h0, w0, row0, TW: gl.constexpr,
+              NORM: gl.constexpr, RESIDUAL: gl.constexpr):
+    """Bias (then with NORM the RMS norm over the 96 channels, gamma and SiLU; with RESIDUAL plus the NHWC residual)
+    for 64 pixels of a tile (from the tile's pixel row0 on), stored to the NHWC output of OUT_W pixels per row
+    (pixels outside the image masked)."""
     C_OUT: gl.constexpr = N0 + N1
     l0: gl.constexpr = acc0.type.layout
     l1: gl.constexpr = acc1.type.layout
     cols0 = gl.arange(0, N0, layout=gl.SliceLayout(0, l0))
     cols1 = N0 + gl.arange(0, N1, layout=gl.SliceLayout(0, l1))
+    pix0 = row0 + gl.arange(0, PIECE, layout=gl.SliceLayout(1, l0))
+    pix1 = row0 + gl.arange(0, PIECE, layout=gl.SliceLayout(1, l1))
+    r0 = h0 + pix0 // TW
+    c0 = w0 + pix0 % TW
+    r1 = h0 + pix1 // TW
+    c1 = w0 + pix1 % TW
+    inside0 = ((r0 < H) & (c0 < W))[:, None]
+    inside1 = ((r1 < H) & (c1 < W))[:, None]
     y0 = acc0 + bias0[None, :]
     y1 = acc1 + bias1[None, :]
+    if RESIDUAL:
+        y0 += gl.load(Res + ((r0 * W + c0) * C_OUT)[:, None] + cols0[None, :], mask=inside0).to(gl.float32)
+        y1 += gl.load(Res + ((r1 * W + c1) * C_OUT)[:, None] + cols1[None, :], mask=inside1).to(gl.float32)
     if NORM:
         ss = gl.sum(y0 * y0, 1) + gl.convert_layout(gl.sum(y1 * y1, 1), gl.SliceLayout(1, l0))
         inv = (C_OUT ** 0.5) / gl.maximum(gl.sqrt(ss), 1e-12)
@@ -94,19 +109,14 @@ def _epilogue(acc0, acc1, bias0, bias1, gamma0, gamma1, Out, H, W, h0, w0, row0,
         y0 = y0 / (1.0 + gl.exp(-y0))
         y1 = y1 / (1.0 + gl.exp(-y1))
     out_ty: gl.constexpr = Out.dtype.element_ty
-    pix0 = row0 + gl.arange(0, PIECE, layout=gl.SliceLayout(1, l0))
-    pix1 = row0 + gl.arange(0, PIECE, layout=gl.SliceLayout(1, l1))
-    r0 = h0 + pix0 // TW
-    c0 = w0 + pix0 % TW
-    r1 = h0 + pix1 // TW
-    c1 = w0 + pix1 % TW
-    gl.store(Out + ((r0 * W + c0) * C_OUT)[:, None] + cols0[None, :], y0.to(out_ty), mask=((r0 < H) & (c0 < W))[:, None])
-    gl.store(Out + ((r1 * W + c1) * C_OUT)[:, None] + cols1[None, :], y1.to(out_ty), mask=((r1 < H) & (c1 < W))[:, None])
+    gl.store(Out + ((r0 * OUT_W + c0) * C_OUT)[:, None] + cols0[None, :], y0.to(out_ty), mask=inside0)
+    gl.store(Out + ((r1 * OUT_W + c1) * C_OUT)[:, None] + cols1[None, :], y1.to(out_ty), mask=inside1)
 
 
 @gluon.jit
-def _consumer(a_smem, ready, empty, w0_smem, w1_smem, w_bar, Bias, Gamma, Out, H, W, first_tile, tile_step, n_tiles, tiles_w,
-              TH: gl.constexpr, TW: gl.constexpr, C_IN: gl.constexpr, STAGES: gl.constexpr, NORM: gl.constexpr):
+def _consumer(a_smem, ready, empty, w0_smem, w1_smem, w_bar, Bias, Gamma, Res, Out, H, W, OUT_W, first_tile, tile_step,
+              n_tiles, tiles_w, TH: gl.constexpr, TW: gl.constexpr, C_IN: gl.constexpr, STAGES: gl.constexpr,
+              NORM: gl.constexpr, RESIDUAL: gl.constexpr):
     """One warpgroup: tiles first_tile, first_tile + tile_step, ... of TH x TW = 128 pixels (two 64-pixel pieces) and all
     96 output channels (per piece two accumulators: 64 + 32), and each tile's epilogue."""
     K_STEPS: gl.constexpr = 9 * (C_IN // KC)
@@ -139,20 +149,21 @@ def _consumer(a_smem, ready, empty, w0_smem, w1_smem, w_bar, Bias, Gamma, Out, H
         mbarrier.arrive(empty.index((g - 1) % STAGES))
         h0 = (tile // tiles_w) * TH
         w0 = (tile % tiles_w) * TW
-        _epilogue(acc00, acc01, bias0, bias1, gamma0, gamma1, Out, H, W, h0, w0, 0, TW, NORM)
-        _epilogue(acc10, acc11, bias0, bias1, gamma0, gamma1, Out, H, W, h0, w0, PIECE, TW, NORM)
+        _epilogue(acc00, acc01, bias0, bias1, gamma0, gamma1, Res, Out, H, W, OUT_W, h0, w0, 0, TW, NORM, RESIDUAL)
+        _epilogue(acc10, acc11, bias0, bias1, gamma0, gamma1, Res, Out, H, W, OUT_W, h0, w0, PIECE, TW, NORM, RESIDUAL)
 
 
 @gluon.jit
 def _conv3x3_fwd(
-    X, Wt, Bias, Gamma, Out,
-    H, W, n_tiles, tiles_w,
-    C_IN: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, STAGES: gl.constexpr, NORM: gl.constexpr,
+    X, Wt, Bias, Gamma, Res, Out,
+    H, W, OUT_W, n_tiles, tiles_w,
+    C_IN: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, STAGES: gl.constexpr, NORM: gl.constexpr, RESIDUAL: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, A_LAYOUT: gl.constexpr, BOX_LAYOUT: gl.constexpr, W0_LAYOUT: gl.constexpr,
     W1_LAYOUT: gl.constexpr,
 ):
-    """Out[h, w, :] = conv3x3(X)[h, w, :] + bias (then RMS norm and SiLU with NORM), one image, NHWC, 96 output
-    channels. Two consumer warpgroups take alternate tiles, each fed by its own producer warp and TMA ring."""
+    """Out[h, w, :] = conv3x3(X)[h, w, :] + bias (then RMS norm and SiLU with NORM, or + Res[h, w, :] with RESIDUAL),
+    one image, NHWC, 96 output channels, OUT_W pixels per output row. Two consumer warpgroups take alternate tiles,
+    each fed by its own producer warp and TMA ring."""
     dtype: gl.constexpr = X.dtype.element_ty
     K_STEPS: gl.constexpr = 9 * (C_IN // KC)
     BM: gl.constexpr = TH * TW
@@ -188,10 +199,10 @@ def _conv3x3_fwd(
 
     gl.warp_specialize(
         [
-            (_consumer, (a0_smem, ready0, empty0, w0_smem, w1_smem, w_bar, Bias, Gamma, Out, H, W, pid, 2 * nprog, n_tiles,
-                         tiles_w, TH, TW, C_IN, STAGES, NORM)),
-            (_consumer, (a1_smem, ready1, empty1, w0_smem, w1_smem, w_bar, Bias, Gamma, Out, H, W, pid + nprog, 2 * nprog,
-                         n_tiles, tiles_w, TH, TW, C_IN, STAGES, NORM)),
+            (_consumer, (a0_smem, ready0, empty0, w0_smem, w1_smem, w_bar, Bias, Gamma, Res, Out, H, W, OUT_W, pid, 2 * nprog,
+                         n_tiles, tiles_w, TH, TW, C_IN, STAGES, NORM, RESIDUAL)),
+            (_consumer, (a1_smem, ready1, empty1, w0_smem, w1_smem, w_bar, Bias, Gamma, Res, Out, H, W, OUT_W, pid + nprog,
+                         2 * nprog, n_tiles, tiles_w, TH, TW, C_IN, STAGES, NORM, RESIDUAL)),
             (_producer, (x_desc, a0_smem, ready0, empty0, pid, 2 * nprog, n_tiles, tiles_w, TH, TW, C_IN, STAGES, BOX_LAYOUT)),
             (_producer, (x_desc, a1_smem, ready1, empty1, pid + nprog, 2 * nprog, n_tiles, tiles_w, TH, TW, C_IN, STAGES,
                          BOX_LAYOUT)),
@@ -201,6 +212,7 @@ def _conv3x3_fwd(
     )
 
 
+@functools.cache
 def layouts():
     """The shared-memory layouts of the kernel's input rings, their TMA box and the weight tiles."""
     def nvmma(swizzle, rank=2):
@@ -209,24 +221,36 @@ def layouts():
     return dict(A_LAYOUT=nvmma(64), BOX_LAYOUT=nvmma(64, 3), W0_LAYOUT=nvmma(64), W1_LAYOUT=nvmma(64))
 
 
-def conv3x3_forward(x, weight, bias, gamma=None, config=None):
-    """conv2d(x, weight, bias, padding=1) for a CUDA bf16/fp16 `[B, 96, H, W]` x and `[96, 96, 3, 3]` weight, then (with
-    `gamma`, 96 values) diffusers' RMS norm over channels and SiLU; returned channels-last."""
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def conv3x3_forward(x, weight, bias, gamma=None, residual=None, pad_end=0, config=None):
+    """conv2d(x, weight, bias, padding=1) for a CUDA bf16/fp16 `[B, 96, H, W]` x and `[96, 96, 3, 3]` weight, then with
+    `gamma` (96 values) diffusers' RMS norm over channels and SiLU, or with `residual` (`[B, 96, H, W]`) plus it;
+    returned channels-last, with `pad_end` zero rows and columns after the image (the downsamplers' padding)."""
     config = config or DEFAULT_CONV_CONFIG
     set_tma_allocator()
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
     x = x.contiguous(memory_format=torch.channels_last)
     w2d = weight.permute(0, 2, 3, 1).reshape(c_out, 9 * c_in).contiguous()  # a view of a channels-last weight
-    out = torch.empty((batch, c_out, height, width), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    out = torch.empty((batch, c_out, height + pad_end, width + pad_end), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    if pad_end:
+        out[:, :, height:].zero_()
+        out[:, :, :, width:].zero_()
+    res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
     tiles_w = -(-width // config.tw)
     n_tiles = -(-height // config.th) * tiles_w
-    grid = (min(n_tiles, torch.cuda.get_device_properties(x.device).multi_processor_count),)
+    grid = (min(n_tiles, _sm_count(x.device)),)
     gamma_arg = (gamma if gamma is not None else bias).reshape(-1)
     for b in range(batch):
         _conv3x3_fwd[grid](
-            x[b], w2d, bias, gamma_arg, out[b], height, width, n_tiles, tiles_w,
+            x[b], w2d, bias, gamma_arg, res[b], out[b], height, width, width + pad_end, n_tiles, tiles_w,
             C_IN=c_in, TH=config.th, TW=config.tw, STAGES=config.stages, NORM=gamma is not None,
+            RESIDUAL=residual is not None,
             CONSUMER_REGS=config.consumer_regs, **layouts(), num_warps=4,
         )
     return out

@@ -60,31 +60,49 @@ def conv3x3_rms_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return reference(x, weight, bias, gamma).contiguous(memory_format=torch.channels_last)
 
 
-def _fake(x, weight, bias, gamma):
-    shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+def conv3x3_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, pad_end: int) -> torch.Tensor:
+    """F.pad(conv2d(x, weight, bias, padding=1) + residual, (0, pad_end, 0, pad_end)), returned channels-last: a residual
+    block's `conv2(x) + h` with the zero padding of the downsampler after it."""
+    if kernel_usable(x, weight) and residual.dtype == x.dtype and residual.shape == x.shape:
+        from vaebuild.conv_gluon import conv3x3_forward
+
+        return conv3x3_forward(x, weight, bias, residual=residual, pad_end=pad_end)
+    out = F.pad(F.conv2d(x, weight, bias, padding=1) + residual, (0, pad_end, 0, pad_end))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_like_output(x, weight, pad_end=0):
+    shape = (x.shape[0], weight.shape[0], x.shape[2] + pad_end, x.shape[3] + pad_end)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def _register():
-    """Define `vaebuild::conv3x3_rms_silu` with plain dispatcher kernels (as `vaebuild.attention` does its op)."""
+    """Define the two ops with plain dispatcher kernels (as `vaebuild.attention` does its op)."""
     library = torch.library.Library("vaebuild", "FRAGMENT")
     library.define("conv3x3_rms_silu(Tensor x, Tensor weight, Tensor bias, Tensor gamma) -> Tensor")
-    library.impl("conv3x3_rms_silu", conv3x3_rms_silu, "CPU")
-    library.impl("conv3x3_rms_silu", conv3x3_rms_silu, "CUDA")
-    torch.library.register_fake("vaebuild::conv3x3_rms_silu", _fake, lib=library)
+    library.define("conv3x3_add(Tensor x, Tensor weight, Tensor bias, Tensor residual, int pad_end) -> Tensor")
+    for name, kernel in (("conv3x3_rms_silu", conv3x3_rms_silu), ("conv3x3_add", conv3x3_add)):
+        library.impl(name, kernel, "CPU")
+        library.impl(name, kernel, "CUDA")
+    torch.library.register_fake("vaebuild::conv3x3_rms_silu", lambda x, weight, bias, gamma: _empty_like_output(x, weight),
+                                lib=library)
+    torch.library.register_fake("vaebuild::conv3x3_add", lambda x, weight, bias, residual, pad_end:
+                                _empty_like_output(x, weight, pad_end), lib=library)
     return library
 
 
 _LIBRARY = _register()
 
 
+def _plain_3x3(conv):
+    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == ((3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+
 def fusable(block):
-    """Whether a (single-frame) `QwenImageResidualBlock`'s conv1 -> norm2 -> SiLU can run as the op: a 3x3 conv with
-    padding 1 and a bias, and a norm without a bias (diffusers' default)."""
-    conv = block.conv1.conv
+    """Whether a (single-frame) `QwenImageResidualBlock` can run through the ops: 3x3 convolutions with padding 1 and a
+    bias, a norm2 without a bias (diffusers' default) and SiLU."""
     return (
-        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-        and conv.groups == 1 and conv.bias is not None
+        all(_plain_3x3(c.conv) and c.conv.bias is not None for c in (block.conv1, block.conv2))
         and not isinstance(block.norm2.bias, torch.Tensor) and block.norm2.channel_first
         and type(block.nonlinearity) is nn.SiLU
     )
@@ -92,10 +110,14 @@ def fusable(block):
 
 class FusedNormResidualBlock(nn.Module):
     """diffusers' `QwenImageResidualBlock` (same submodules and state-dict names; its convolutions already
-    `SingleFrameConv`s) with `conv1 -> norm2 -> SiLU` through `vaebuild::conv3x3_rms_silu` (dropout: eval only)."""
+    `SingleFrameConv`s) with `conv1 -> norm2 -> SiLU` through `vaebuild::conv3x3_rms_silu` (dropout: eval only).
+
+    With `pad_end` (set when a downsampler follows, see `PaddedInputDownsample`) it also computes `conv2(x) + h` through
+    `vaebuild::conv3x3_add` and returns it with the downsampler's zero padding: one pass over the tensor fewer."""
 
     def __init__(self, block):
         super().__init__()
+        self.pad_end = 0
         self.norm1 = block.norm1
         self.conv1 = block.conv1
         self.norm2 = block.norm2
@@ -112,5 +134,35 @@ class FusedNormResidualBlock(nn.Module):
         # Channels-last going in: a compiled graph then writes the op's input in the layout the kernel reads (traced
         # in another layout, the package copies it on every call: 0.9 ms at 1328x1328 on an H100).
         x = x.squeeze(2).contiguous(memory_format=torch.channels_last)
-        x = torch.ops.vaebuild.conv3x3_rms_silu(x, conv.weight, conv.bias, self.norm2.gamma).unsqueeze(2)
-        return self.conv2(x) + h
+        x = torch.ops.vaebuild.conv3x3_rms_silu(x, conv.weight, conv.bias, self.norm2.gamma)
+        if self.pad_end:
+            conv2, h = self.conv2.conv, h.squeeze(2).contiguous(memory_format=torch.channels_last)
+            return torch.ops.vaebuild.conv3x3_add(x, conv2.weight, conv2.bias, h, self.pad_end).unsqueeze(2)
+        return self.conv2(x.unsqueeze(2)) + h
+
+
+class PaddedInputDownsample(nn.Module):
+    """diffusers' `QwenImageResample` in a downsampling mode (zero padding of one row and column after the image, then a
+    stride-2 3x3 convolution; same submodules and state-dict names) for a single frame that arrives already padded (from
+    a `FusedNormResidualBlock` with `pad_end=1`)."""
+
+    def __init__(self, resample):
+        super().__init__()
+        self.mode = resample.mode
+        self.resample = resample.resample
+
+    def forward(self, x, feat_cache=None, feat_idx=(0,)):
+        if feat_cache is not None:
+            raise ValueError("PaddedInputDownsample computes single frames without a feature cache")
+        return self.resample[1](x.squeeze(2)).unsqueeze(2)
+
+
+def pads_like_downsampler(module):
+    """Whether `module` is a single-frame downsampling `QwenImageResample` that pads one zero row and column after the
+    image before its stride-2 convolution (what `PaddedInputDownsample` expects to have been done)."""
+    resample = getattr(module, "resample", None)
+    return (
+        getattr(module, "mode", None) in ("downsample2d", "downsample3d") and not hasattr(module, "time_conv")
+        and isinstance(resample, nn.Sequential) and len(resample) == 2
+        and isinstance(resample[0], nn.ZeroPad2d) and tuple(resample[0].padding) == (0, 1, 0, 1)
+    )

@@ -26,7 +26,7 @@ from torch import nn
 
 from vaebuild.attention import FastAttentionBlock
 from vaebuild.conv_norm import CHANNELS as FUSED_NORM_CHANNELS
-from vaebuild.conv_norm import FusedNormResidualBlock, fusable
+from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample, fusable, pads_like_downsampler
 
 
 class SingleFrameConv(nn.Module):
@@ -159,7 +159,8 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norm
     `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
     `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `fused_norms=True` runs each 96-channel
     residual block's `conv1 -> norm2 -> SiLU` as `vaebuild::conv3x3_rms_silu` (`conv_norm.FusedNormResidualBlock`:
-    a Gluon kernel on Hopper, diffusers' computation elsewhere); `conv_rewrites=True` runs each
+    a Gluon kernel on Hopper, diffusers' computation elsewhere), and where such a block is followed by a downsampler,
+    its `conv2(x) + h` with the downsampler's zero padding as `vaebuild::conv3x3_add`; `conv_rewrites=True` runs each
     upsampler as `TransposedUpsampleConv`, convolutions of RGB input as `TapsConv` and 3x3 convolutions to
     RGB as `TapPlanesConv`. ONNX export uses none of them (TensorRT picks its own kernels).
     """
@@ -198,4 +199,10 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norm
                 if (isinstance(child, QwenImageResidualBlock) and child.in_dim == child.out_dim == FUSED_NORM_CHANNELS
                         and fusable(child)):
                     setattr(parent, name, FusedNormResidualBlock(child))
+        # A fused block followed by a downsampler (the encoder's flat list) writes its output already padded.
+        layers = folded.encoder.down_blocks
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], FusedNormResidualBlock) and pads_like_downsampler(layers[i + 1]):
+                layers[i].pad_end = 1
+                layers[i + 1] = PaddedInputDownsample(layers[i + 1])
     return folded

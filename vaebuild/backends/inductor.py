@@ -3,9 +3,9 @@
 Build: `torch.export` of the graph module at the profile's opt shape (height and width symbolic
 within the profiles' min..max when they differ; the encoder's sides as multiples of 8), then
 `torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
-`vaebuild::attention_d384` (the kernels of `vaebuild.attention` on Hopper, SDPA elsewhere) and the 96-channel
-residual blocks' conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu` (`vaebuild.conv_norm`: a Gluon kernel
-on Hopper, diffusers' computation elsewhere): custom ops that the package calls by name at run time; every package computes
+`vaebuild::attention_d384` (the kernels of `vaebuild.attention` on Hopper, SDPA elsewhere) and, from 1024x768
+image pixels on (`builds.FUSED_NORM_MIN_PIXELS`), the 96-channel residual blocks' conv1 -> norm2 -> SiLU through
+`vaebuild::conv3x3_rms_silu` (`vaebuild.conv_norm`: a Gluon kernel on Hopper, diffusers' computation elsewhere): custom ops that the package calls by name at run time; every package computes
 the upsamplers as transposed convolutions and the convolutions from and to RGB over their taps
 (`single_frame`'s `conv_rewrites`), with its convolution weights channels-last (entry field
 `weight_layout`: a weight-free package is given them in that layout), and CUDA packages tune their Triton kernels' launch settings by timing them while
@@ -131,7 +131,7 @@ def compile_package(request) -> EngineInfo:
     # to RGB over their taps.
     module = build_graph_modules_from_weights(
         request["vae_config"], request["weights_path"], request["precision"], device,
-        fast_attention=request["fast_kernels"], conv_rewrites=True, fused_norms=request["fast_kernels"],
+        fast_attention=request["fast_kernels"], conv_rewrites=True, fused_norms=request["fused_norms"],
     )[request["graph"]]
     # Convolution weights channels-last, the layout cuDNN's NHWC kernels take: else the package converts
     # each one on every call (and cuDNN copies the transposed convolutions' weights), 0.5 ms per decode.
