@@ -37,12 +37,20 @@ def kernel_usable(q, k, v):
 
 
 @functools.cache
+def gluon_available():
+    """Whether Triton is installed with the Gluon API vaebuild's Gluon kernels are written in (3.6 and later)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+
+
+@functools.cache
 def _kernel():
     """The kernel for Hopper: the warp-specialized Gluon kernel (`attention_gluon`, Triton >= 3.6), else the
     Triton kernel (`attention_triton`, older Triton without the Gluon API it uses)."""
-    import triton
-
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6):
+    if gluon_available():
         from vaebuild.attention_gluon import attention_forward
     else:
         from vaebuild.attention_triton import attention_forward

@@ -1,32 +1,23 @@
-"""The residual blocks' `conv1 -> norm2 -> SiLU` at 96 channels as the custom op `vaebuild::conv3x3_rms_silu`.
+"""The residual blocks' 96-channel convolutions with what follows them fused, as custom ops.
 
-On a Hopper GPU with bf16 or fp16 tensors, a `[96, 96, 3, 3]` weight and Triton >= 3.6 the op runs the Gluon kernel
-of `vaebuild.conv_gluon` (the convolution with diffusers' RMS norm and SiLU fused into its epilogue: the normalised
-tensor is written once instead of written, read back and written again); everywhere else it computes what diffusers
-computes (`reference`). Like `vaebuild::attention_d384` it is an operator with plain dispatcher kernels (CPU, CUDA) and
-a fake kernel, so an AOTInductor package calls it by name at run time (`backends.inductor.load_package` imports this
-module). Its output is channels-last on every path (the fake kernel says so to the compiler).
-`FusedNormResidualBlock` is diffusers' `QwenImageResidualBlock` with `conv1 -> norm2 -> SiLU` through the op.
+`vaebuild::conv3x3_rms_silu` is `conv1 -> norm2 -> SiLU` (the normalised tensor is written once instead of written,
+read back and written again); `vaebuild::conv3x3_add` is `conv2(x) + h` with the zero padding of a downsampler after
+the block. On a Hopper GPU with bf16 or fp16 tensors, a `[96, 96, 3, 3]` weight and Triton >= 3.6 they run the Gluon
+kernel of `vaebuild.conv_gluon`; everywhere else they compute what diffusers computes (`reference`, or conv + residual
++ pad). Like `vaebuild::attention_d384` they are operators with plain dispatcher kernels (CPU, CUDA) and fake kernels,
+so an AOTInductor package calls them by name at run time (`backends.inductor.load_package` imports this module).
+Their outputs are channels-last on every path (the fake kernels say so to the compiler).
+`FusedNormResidualBlock` is diffusers' `QwenImageResidualBlock` through these ops; `PaddedInputDownsample` the
+downsampler after such a block, given its input already padded.
 """
-
-import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaebuild.attention import gluon_available
+
 CHANNELS = 96  # the only width the kernel takes: its whole weight stays in shared memory (166 KB)
-
-
-@functools.cache
-def _gluon_available():
-    """Whether Triton has the Gluon API the kernel is written in (3.6 and later)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import triton
-
-    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 6)
 
 
 def kernel_usable(x, weight):
@@ -38,7 +29,7 @@ def kernel_usable(x, weight):
         and x.dim() == 4
         and tuple(weight.shape) == (CHANNELS, CHANNELS, 3, 3)
         and x.shape[1] == CHANNELS
-        and _gluon_available()
+        and gluon_available()
         and torch.cuda.get_device_capability(x.device)[0] == 9
     )
 
