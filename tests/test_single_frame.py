@@ -9,8 +9,7 @@ from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
     QwenImageUpsample,
 )
 
-from conftest import make_tiny_vae
-from vaebuild.graphs import build_graphs
+from conftest import assert_graphs_match_diffusers, make_tiny_vae
 from vaebuild.model_source import ModelSource, load_vae
 from vaebuild.single_frame import (
     NearestUpsample2x,
@@ -172,31 +171,9 @@ GRAPH_VARIANTS = {
 }
 
 
-def _assert_graphs_match_diffusers(vae, sizes, variant, tol=1e-4):
-    encoder, decoder = build_graphs(vae, **GRAPH_VARIANTS[variant])
-    z_dim = vae.config.z_dim
-    scale = vae.spatial_compression_ratio
-    for index, (batch, height, width) in enumerate(sizes):
-        images = torch.rand(batch, 3, 1, height, width, generator=_generator(index)) * 2 - 1
-        latents = 1.5 * torch.randn(batch, z_dim, 1, height // scale, width // scale, generator=_generator(index))
-        with torch.no_grad():
-            expected_h = vae.encode(images).latent_dist.parameters
-            actual_h = encoder(images)
-            expected_x = vae.decode(latents).sample
-            actual_x = decoder(latents)
-        assert actual_h.shape == expected_h.shape == (batch, 2 * z_dim, 1, height // scale, width // scale)
-        assert actual_x.shape == expected_x.shape == (batch, 3, 1, height, width)
-        # Guard against a trivial comparison: outputs are non-constant and not saturated everywhere.
-        assert expected_h.std() > 1e-3 and (expected_x.abs() < 1).float().mean() > 0.5
-        diff_h = (actual_h - expected_h).abs().max().item()
-        diff_x = (actual_x - expected_x).abs().max().item()
-        assert diff_h < tol, f"encoder at {(batch, height, width)}: max abs diff {diff_h}"
-        assert diff_x < tol, f"decoder at {(batch, height, width)}: max abs diff {diff_x}"
-
-
 @pytest.mark.parametrize("variant", list(GRAPH_VARIANTS))
 def test_tiny_graphs_equal_diffusers_encode_decode(tiny_vae, variant):
-    _assert_graphs_match_diffusers(tiny_vae, GRAPH_SIZES, variant)
+    assert_graphs_match_diffusers(tiny_vae, GRAPH_SIZES, **GRAPH_VARIANTS[variant])
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +197,12 @@ def test_saved_config_graphs_equal_diffusers_encode_decode(other_vae_dir, varian
     vae = load_vae(ModelSource(model=str(other_vae_dir)))
     assert isinstance(vae, AutoencoderKLQwenImage)
     assert vae.config.z_dim == 8 and list(vae.config.temperal_downsample) == [True, False, True]
-    _assert_graphs_match_diffusers(vae, GRAPH_SIZES, variant)
+    assert_graphs_match_diffusers(vae, GRAPH_SIZES, **GRAPH_VARIANTS[variant])
 
 
 def test_default_architecture_graphs_equal_diffusers_encode_decode():
     """The full Qwen-Image VAE (126.9M parameters, random weights) at one small size (~5 s on 2 cores)."""
     vae = load_vae(ModelSource(random_init=True))
     assert sum(p.numel() for p in vae.parameters()) == pytest.approx(126.9e6, rel=1e-3)
-    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded")
-    _assert_graphs_match_diffusers(vae, [(1, 32, 48)], "folded_conv_rewrites")
+    assert_graphs_match_diffusers(vae, [(1, 32, 48)], **GRAPH_VARIANTS["folded"])
+    assert_graphs_match_diffusers(vae, [(1, 32, 48)], **GRAPH_VARIANTS["folded_conv_rewrites"])

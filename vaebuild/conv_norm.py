@@ -85,20 +85,6 @@ def _register():
 _LIBRARY = _register()
 
 
-def _plain_3x3(conv):
-    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == ((3, 3), (1, 1), (1, 1), (1, 1), 1)
-
-
-def fusable(block):
-    """Whether a (single-frame) `QwenImageResidualBlock` can run through the ops: 3x3 convolutions with padding 1 and a
-    bias, a norm2 without a bias (diffusers' default) and SiLU."""
-    return (
-        all(_plain_3x3(c.conv) and c.conv.bias is not None for c in (block.conv1, block.conv2))
-        and not isinstance(block.norm2.bias, torch.Tensor) and block.norm2.channel_first
-        and type(block.nonlinearity) is nn.SiLU
-    )
-
-
 class FusedNormResidualBlock(nn.Module):
     """diffusers' `QwenImageResidualBlock` (same submodules and state-dict names; its convolutions already
     `SingleFrameConv`s) with `conv1 -> norm2 -> SiLU` through `vaebuild::conv3x3_rms_silu` (dropout: eval only).
@@ -146,14 +132,3 @@ class PaddedInputDownsample(nn.Module):
         if feat_cache is not None:
             raise ValueError("PaddedInputDownsample computes single frames without a feature cache")
         return self.resample[1](x.squeeze(2)).unsqueeze(2)
-
-
-def pads_like_downsampler(module):
-    """Whether `module` is a single-frame downsampling `QwenImageResample` that pads one zero row and column after the
-    image before its stride-2 convolution (what `PaddedInputDownsample` expects to have been done)."""
-    resample = getattr(module, "resample", None)
-    return (
-        getattr(module, "mode", None) in ("downsample2d", "downsample3d") and not hasattr(module, "time_conv")
-        and isinstance(resample, nn.Sequential) and len(resample) == 2
-        and isinstance(resample[0], nn.ZeroPad2d) and tuple(resample[0].padding) == (0, 1, 0, 1)
-    )

@@ -76,7 +76,7 @@ def build_graphs(vae, fold=True, fast_attention=False, conv_rewrites=False, fuse
 
     With `fold`: `fast_attention=True` runs the mid-block attention through `vaebuild::attention_d384`,
     `conv_rewrites=True` runs the upsamplers as transposed convolutions and the RGB convolution over its taps,
-    `fused_norms=True` the 96-channel residual blocks' conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu`.
+    `fused_norms=True` the 96-channel residual blocks through `vaebuild::conv3x3_rms_silu` / `conv3x3_add`.
     """
     source = fold_single_frame(vae, fast_attention, conv_rewrites, fused_norms) if fold else vae
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()

@@ -26,7 +26,7 @@ from torch import nn
 
 from vaebuild.attention import FastAttentionBlock
 from vaebuild.conv_norm import CHANNELS as FUSED_NORM_CHANNELS
-from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample, fusable, pads_like_downsampler
+from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample
 
 
 class SingleFrameConv(nn.Module):
@@ -153,6 +153,27 @@ class TapPlanesConv(SingleFrameConv):
 TAPS_CONV_MAX_CHANNELS = 4  # input (or output) channels up to which a convolution runs as `TapsConv` (`TapPlanesConv`)
 
 
+def _fusable(block):
+    """Whether a (single-frame) `QwenImageResidualBlock` can run as `FusedNormResidualBlock`: 3x3 convolutions with
+    padding 1 and a bias, a norm2 without a bias (diffusers' default) and SiLU."""
+    return (
+        all(_is_plain_3x3(c.conv) and c.conv.bias is not None for c in (block.conv1, block.conv2))
+        and not isinstance(block.norm2.bias, torch.Tensor) and block.norm2.channel_first
+        and type(block.nonlinearity) is nn.SiLU
+    )
+
+
+def _pads_like_downsampler(module):
+    """Whether `module` is a single-frame downsampling `QwenImageResample` that pads one zero row and column after the
+    image before its stride-2 convolution (what `PaddedInputDownsample` expects to have been done)."""
+    resample = getattr(module, "resample", None)
+    return (
+        getattr(module, "mode", None) in ("downsample2d", "downsample3d") and not hasattr(module, "time_conv")
+        and isinstance(resample, nn.Sequential) and len(resample) == 2
+        and isinstance(resample[0], nn.ZeroPad2d) and tuple(resample[0].padding) == (0, 1, 0, 1)
+    )
+
+
 def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norms=False):
     """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
 
@@ -197,12 +218,12 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norm
         for parent in list(folded.modules()):
             for name, child in list(parent.named_children()):
                 if (isinstance(child, QwenImageResidualBlock) and child.in_dim == child.out_dim == FUSED_NORM_CHANNELS
-                        and fusable(child)):
+                        and _fusable(child)):
                     setattr(parent, name, FusedNormResidualBlock(child))
         # A fused block followed by a downsampler (the encoder's flat list) writes its output already padded.
         layers = folded.encoder.down_blocks
         for i in range(len(layers) - 1):
-            if isinstance(layers[i], FusedNormResidualBlock) and pads_like_downsampler(layers[i + 1]):
+            if isinstance(layers[i], FusedNormResidualBlock) and _pads_like_downsampler(layers[i + 1]):
                 layers[i].pad_end = 1
                 layers[i + 1] = PaddedInputDownsample(layers[i + 1])
     return folded

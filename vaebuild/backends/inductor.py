@@ -5,7 +5,8 @@ within the profiles' min..max when they differ; the encoder's sides as multiples
 `torch._inductor.aoti_compile_and_package`. Static packages run the mid-block attention through
 `vaebuild::attention_d384` (the kernels of `vaebuild.attention` on Hopper, SDPA elsewhere) and, from 1024x768
 image pixels on (`builds.FUSED_NORM_MIN_PIXELS`), the 96-channel residual blocks' conv1 -> norm2 -> SiLU through
-`vaebuild::conv3x3_rms_silu` (`vaebuild.conv_norm`: a Gluon kernel on Hopper, diffusers' computation elsewhere): custom ops that the package calls by name at run time; every package computes
+`vaebuild::conv3x3_rms_silu` (and the encoder's block before a downsampler `conv3x3_add`; `vaebuild.conv_norm`: a Gluon
+kernel on Hopper, diffusers' computation elsewhere): custom ops that the package calls by name at run time; every package computes
 the upsamplers as transposed convolutions and the convolutions from and to RGB over their taps
 (`single_frame`'s `conv_rewrites`), with its convolution weights channels-last (entry field
 `weight_layout`: a weight-free package is given them in that layout), and CUDA packages tune their Triton kernels' launch settings by timing them while
@@ -235,7 +236,7 @@ def load_package(path, device, single_threaded=False):
     import torch
 
     import vaebuild.attention  # noqa: F401 - registers `vaebuild::attention_d384`, which packages call by name
-    import vaebuild.conv_norm  # noqa: F401 - and `vaebuild::conv3x3_rms_silu`
+    import vaebuild.conv_norm  # noqa: F401 - and `vaebuild::conv3x3_rms_silu`, `vaebuild::conv3x3_add`
 
     promote_libstdcxx()
     device = torch.device(device)
