@@ -1,6 +1,5 @@
-"""The fused convolution ops on CPU (`vaebuild::conv3x3_rms_silu`, `conv3x3_add`, `conv3x3_add_rms_silu`): their
-fallbacks equal diffusers' residual blocks, torch.export and AOTInductor keep them, and the folded VAE using them equals
-diffusers' encode/decode.
+"""The `vaebuild::conv3x3_rms_silu` op on CPU: its fallback equals diffusers' residual block, torch.export and
+AOTInductor keep it, and the folded VAE using it equals diffusers' encode/decode.
 
 The Gluon kernel itself needs a Hopper GPU: benchmarks/conv_gluon_kernel.py checks it there.
 """
@@ -11,14 +10,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageResidualBlock
 
 from tests.conftest import assert_graphs_match_diffusers, make_tiny_vae
-from vaebuild.conv_norm import (
-    ComputedHeadNorm,
-    FusedNormResidualBlock,
-    PaddedInputDownsample,
-    kernel_usable,
-    reference,
-    rms_silu,
-)
+from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample, kernel_usable, reference
 from vaebuild.single_frame import SingleFrameConv, fold_single_frame
 
 
@@ -69,30 +61,6 @@ def test_conv3x3_add_pads_after_the_image_and_equals_conv_plus_residual():
     assert not out[:, :, 5].any() and not out[:, :, :, 7].any()
 
 
-def test_conv3x3_add_rms_silu_equals_conv_plus_residual_then_norm():
-    _, folded = _folded_block(seed=6)
-    conv, gamma = folded.conv2.conv, folded.norm1.gamma
-    x, residual = torch.randn(2, 96, 5, 7), torch.randn(2, 96, 5, 7)
-    with torch.no_grad():
-        out = torch.ops.vaebuild.conv3x3_add_rms_silu(x, conv.weight, conv.bias, residual, gamma)
-        expected = rms_silu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) + residual, gamma)
-    assert out.shape == (2, 96, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-
-
-def test_block_computing_the_head_norm_equals_diffusers_block_norm_and_silu():
-    block, folded = _folded_block(seed=7)
-    _, other = _folded_block(seed=8)
-    fused = FusedNormResidualBlock(folded)
-    head = ComputedHeadNorm(other.norm1)
-    fused.compute_head_norm(head)
-    assert fused.state_dict().keys() == folded.state_dict().keys()  # the head norm is not a submodule
-    x = torch.randn(2, 96, 1, 6, 9)
-    with torch.no_grad():
-        expected = torch.nn.functional.silu(other.norm1(block(x)))
-        torch.testing.assert_close(head(fused(x)), expected, rtol=0, atol=2e-5)
-
-
 class _ConvNorm(torch.nn.Module):
     def __init__(self, folded):
         super().__init__()
@@ -101,7 +69,6 @@ class _ConvNorm(torch.nn.Module):
 
     def forward(self, x):
         y = torch.ops.vaebuild.conv3x3_rms_silu(x, self.conv.weight, self.conv.bias, self.gamma) * 2.0
-        y = torch.ops.vaebuild.conv3x3_add_rms_silu(y, self.conv.weight, self.conv.bias, x, self.gamma)
         return torch.ops.vaebuild.conv3x3_add(y, self.conv.weight, self.conv.bias, x, 1)
 
 
@@ -114,12 +81,11 @@ def test_op_survives_export_and_packages_call_it_by_name(tmp_path):
     with torch.no_grad():
         program = torch.export.export(module, (x,))
         targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-        ops = ("conv3x3_rms_silu", "conv3x3_add", "conv3x3_add_rms_silu")
-        assert {f"vaebuild.{op}.default" for op in ops} <= targets
+        assert {"vaebuild.conv3x3_rms_silu.default", "vaebuild.conv3x3_add.default"} <= targets
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "conv_norm.pt2"))
         with zipfile.ZipFile(path) as archive:
             extern_calls = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.json")]
-        assert any(all(f'"vaebuild::{op}"' in text for op in ops) for text in extern_calls)
+        assert any("vaebuild::conv3x3_rms_silu" in text and "vaebuild::conv3x3_add" in text for text in extern_calls)
         other = torch.randn(1, 96, 8, 12)
         out = load_package(path, "cpu").run([other])[0]
         torch.testing.assert_close(out, module(other), rtol=0, atol=0)
@@ -137,13 +103,7 @@ def test_fold_with_fused_norms_equals_diffusers():
     padded = [i for i, m in enumerate(layers) if isinstance(m, PaddedInputDownsample)]
     assert len(padded) == 2 and all(layers[i - 1].pad_end == 1 for i in padded)
     assert sum(isinstance(m, FusedNormResidualBlock) and m.pad_end for m in folded.modules()) == 2
-    # the decoder's last block computes the head's norm -> SiLU, which then pass its output through
-    heads = [m for m in folded.modules() if isinstance(m, FusedNormResidualBlock) and m.head_norm is not None]
-    assert heads == [folded.decoder.up_blocks[-1].resnets[-1]] and heads[0].head_norm is folded.decoder.norm_out
-    assert isinstance(folded.decoder.norm_out, ComputedHeadNorm) and type(folded.decoder.nonlinearity) is torch.nn.Identity
-    plain = fold_single_frame(vae, fused_norms=True, fused_head_norm=False)
-    assert not any(isinstance(m, FusedNormResidualBlock) and m.head_norm is not None for m in plain.modules())
-    assert plain.state_dict().keys() == folded.state_dict().keys()
+    assert folded.state_dict().keys() == fold_single_frame(vae).state_dict().keys()
     assert_graphs_match_diffusers(vae, [(1, 24, 40)], fast_attention=True, conv_rewrites=True, fused_norms=True)
 
 

@@ -9,8 +9,8 @@ overlaps the other's products), each fed by its own producer warp through its ow
 coordinates, so the convolution's zero padding is TMA's out-of-bounds fill. The whole weight stays in shared
 memory (166 KB, loaded once per program); the 96 output channels are two accumulators of 64 and 32 (Triton's
 tensor shapes are powers of two), each tile two 64-pixel wgmma pieces. The epilogue adds the bias and, with
-RESIDUAL, adds a residual, and with NORM normalises each pixel over its channels (diffusers' `QwenImageRMS_norm`:
-x / max(||x||, 1e-12) * sqrt(C) * gamma) and applies SiLU in fp32 registers, then stores the tile (pixels outside the image
+NORM, normalises each pixel over its channels (diffusers' `QwenImageRMS_norm`: x / max(||x||, 1e-12) * sqrt(C)
+* gamma) and applies SiLU in fp32 registers, or adds a residual, then stores the tile (pixels outside the image
 masked; the output may have zero rows and columns after the image, as the downsamplers pad it).
 
 Measured on an H100 at 1328x1328 (benchmarks/results/conv_gluon_kernel_h100.md): 0.74 ms with the norm and SiLU
@@ -80,10 +80,9 @@ def _mma(a_smem, row, w0_smem, w1_smem, step, acc0, acc1):
 @gluon.jit
 def _epilogue(acc0, acc1, bias0, bias1, gamma0, gamma1, Res, Out, H, W, OUT_W, h0, w0, row0, TW: gl.constexpr,
               NORM: gl.constexpr, RESIDUAL: gl.constexpr):
-    """Bias, then with RESIDUAL plus the NHWC residual, then with NORM the RMS norm over the 96 channels, gamma and
-    SiLU, for 64 pixels of a tile (from the tile's pixel row0 on), stored to the NHWC output of OUT_W pixels per row
-    (pixels outside the image masked). With both, the sum is rounded to the output's dtype first, as diffusers' add
-    is."""
+    """Bias (then with NORM the RMS norm over the 96 channels, gamma and SiLU; with RESIDUAL plus the NHWC residual)
+    for 64 pixels of a tile (from the tile's pixel row0 on), stored to the NHWC output of OUT_W pixels per row
+    (pixels outside the image masked)."""
     C_OUT: gl.constexpr = N0 + N1
     l0: gl.constexpr = acc0.type.layout
     l1: gl.constexpr = acc1.type.layout
@@ -102,10 +101,6 @@ def _epilogue(acc0, acc1, bias0, bias1, gamma0, gamma1, Res, Out, H, W, OUT_W, h
     if RESIDUAL:
         y0 += gl.load(Res + ((r0 * W + c0) * C_OUT)[:, None] + cols0[None, :], mask=inside0).to(gl.float32)
         y1 += gl.load(Res + ((r1 * W + c1) * C_OUT)[:, None] + cols1[None, :], mask=inside1).to(gl.float32)
-    out_ty: gl.constexpr = Out.dtype.element_ty
-    if NORM and RESIDUAL:
-        y0 = y0.to(out_ty).to(gl.float32)
-        y1 = y1.to(out_ty).to(gl.float32)
     if NORM:
         ss = gl.sum(y0 * y0, 1) + gl.convert_layout(gl.sum(y1 * y1, 1), gl.SliceLayout(1, l0))
         inv = (C_OUT ** 0.5) / gl.maximum(gl.sqrt(ss), 1e-12)
@@ -113,6 +108,7 @@ def _epilogue(acc0, acc1, bias0, bias1, gamma0, gamma1, Res, Out, H, W, OUT_W, h
         y1 = y1 * gl.convert_layout(inv, gl.SliceLayout(1, l1))[:, None] * gamma1[None, :]
         y0 = y0 / (1.0 + gl.exp(-y0))
         y1 = y1 / (1.0 + gl.exp(-y1))
+    out_ty: gl.constexpr = Out.dtype.element_ty
     gl.store(Out + ((r0 * OUT_W + c0) * C_OUT)[:, None] + cols0[None, :], y0.to(out_ty), mask=inside0)
     gl.store(Out + ((r1 * OUT_W + c1) * C_OUT)[:, None] + cols1[None, :], y1.to(out_ty), mask=inside1)
 
@@ -165,7 +161,7 @@ def _conv3x3_fwd(
     CONSUMER_REGS: gl.constexpr, A_LAYOUT: gl.constexpr, BOX_LAYOUT: gl.constexpr, W0_LAYOUT: gl.constexpr,
     W1_LAYOUT: gl.constexpr,
 ):
-    """Out[h, w, :] = conv3x3(X)[h, w, :] + bias (+ Res[h, w, :] with RESIDUAL, then RMS norm and SiLU with NORM),
+    """Out[h, w, :] = conv3x3(X)[h, w, :] + bias (then RMS norm and SiLU with NORM, or + Res[h, w, :] with RESIDUAL),
     one image, NHWC, 96 output channels, OUT_W pixels per output row. Two consumer warpgroups take alternate tiles,
     each fed by its own producer warp and TMA ring."""
     dtype: gl.constexpr = X.dtype.element_ty
@@ -232,7 +228,7 @@ def _sm_count(device):
 
 def conv3x3_forward(x, weight, bias, gamma=None, residual=None, pad_end=0, config=None):
     """conv2d(x, weight, bias, padding=1) for a CUDA bf16/fp16 `[B, 96, H, W]` x and `[96, 96, 3, 3]` weight, then with
-    `residual` (`[B, 96, H, W]`) plus it, then with `gamma` (96 values) diffusers' RMS norm over channels and SiLU;
+    `gamma` (96 values) diffusers' RMS norm over channels and SiLU, or with `residual` (`[B, 96, H, W]`) plus it;
     returned channels-last, with `pad_end` zero rows and columns after the image (the downsamplers' padding)."""
     config = config or DEFAULT_CONV_CONFIG
     set_tma_allocator()

@@ -2,15 +2,13 @@
 
 `vaebuild::conv3x3_rms_silu` is `conv1 -> norm2 -> SiLU` (the normalised tensor is written once instead of written,
 read back and written again); `vaebuild::conv3x3_add` is `conv2(x) + h` with the zero padding of a downsampler after
-the block; `vaebuild::conv3x3_add_rms_silu` is the decoder's last block's `conv2(x) + h` followed by the head's
-`norm_out -> SiLU` (the sum is never written). On a Hopper GPU with bf16 or fp16 tensors, a `[96, 96, 3, 3]` weight
-and Triton >= 3.6 they run the Gluon kernel of `vaebuild.conv_gluon`; everywhere else they compute what diffusers
-computes (`reference`, or conv + residual + pad, or conv + residual + `rms_silu`). Like `vaebuild::attention_d384` they are operators with plain dispatcher kernels (CPU, CUDA) and fake kernels,
+the block. On a Hopper GPU with bf16 or fp16 tensors, a `[96, 96, 3, 3]` weight and Triton >= 3.6 they run the Gluon
+kernel of `vaebuild.conv_gluon`; everywhere else they compute what diffusers computes (`reference`, or conv + residual
++ pad). Like `vaebuild::attention_d384` they are operators with plain dispatcher kernels (CPU, CUDA) and fake kernels,
 so an AOTInductor package calls them by name at run time (`backends.inductor.load_package` imports this module).
 Their outputs are channels-last on every path (the fake kernels say so to the compiler).
 `FusedNormResidualBlock` is diffusers' `QwenImageResidualBlock` through these ops; `PaddedInputDownsample` the
-downsampler after such a block, given its input already padded; `ComputedHeadNorm` the decoder's head norm, given
-its output computed already.
+downsampler after such a block, given its input already padded.
 """
 
 import torch
@@ -36,14 +34,12 @@ def kernel_usable(x, weight):
     )
 
 
-def rms_silu(h, gamma):
-    """diffusers' `QwenImageRMS_norm` (normalise over channels in fp32, cast back, times sqrt(C) and gamma), then SiLU."""
-    return F.silu(F.normalize(h.float(), dim=1).to(h.dtype) * h.shape[1] ** 0.5 * gamma.reshape(-1, 1, 1))
-
-
 def reference(x, weight, bias, gamma):
-    """diffusers' computation: conv2d (padding 1), `QwenImageRMS_norm`, SiLU."""
-    return rms_silu(F.conv2d(x, weight, bias, padding=1), gamma)
+    """diffusers' computation: conv2d (padding 1), `QwenImageRMS_norm` (normalise over channels in fp32, cast back,
+    times sqrt(C) and gamma), SiLU."""
+    h = F.conv2d(x, weight, bias, padding=1)
+    h = F.normalize(h.float(), dim=1).to(h.dtype) * h.shape[1] ** 0.5 * gamma.reshape(-1, 1, 1)
+    return F.silu(h)
 
 
 def conv3x3_rms_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -66,40 +62,23 @@ def conv3x3_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resid
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def conv3x3_add_rms_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
-                         gamma: torch.Tensor) -> torch.Tensor:
-    """silu(rms_norm(conv2d(x, weight, bias, padding=1) + residual) * gamma), returned channels-last: the decoder's last
-    residual block's `conv2(x) + h` and the head's `norm_out -> SiLU` after it."""
-    if kernel_usable(x, weight) and residual.dtype == x.dtype and residual.shape == x.shape:
-        from vaebuild.conv_gluon import conv3x3_forward
-
-        return conv3x3_forward(x, weight, bias, gamma, residual=residual)
-    total = F.conv2d(x, weight, bias, padding=1) + residual
-    return rms_silu(total, gamma).contiguous(memory_format=torch.channels_last)
-
-
 def _empty_like_output(x, weight, pad_end=0):
     shape = (x.shape[0], weight.shape[0], x.shape[2] + pad_end, x.shape[3] + pad_end)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def _register():
-    """Define the three ops with plain dispatcher kernels (as `vaebuild.attention` does its op)."""
+    """Define the two ops with plain dispatcher kernels (as `vaebuild.attention` does its op)."""
     library = torch.library.Library("vaebuild", "FRAGMENT")
     library.define("conv3x3_rms_silu(Tensor x, Tensor weight, Tensor bias, Tensor gamma) -> Tensor")
     library.define("conv3x3_add(Tensor x, Tensor weight, Tensor bias, Tensor residual, int pad_end) -> Tensor")
-    library.define("conv3x3_add_rms_silu(Tensor x, Tensor weight, Tensor bias, Tensor residual, Tensor gamma) -> Tensor")
-    kernels = {"conv3x3_rms_silu": conv3x3_rms_silu, "conv3x3_add": conv3x3_add,
-               "conv3x3_add_rms_silu": conv3x3_add_rms_silu}
-    for name, kernel in kernels.items():
+    for name, kernel in (("conv3x3_rms_silu", conv3x3_rms_silu), ("conv3x3_add", conv3x3_add)):
         library.impl(name, kernel, "CPU")
         library.impl(name, kernel, "CUDA")
     torch.library.register_fake("vaebuild::conv3x3_rms_silu", lambda x, weight, bias, gamma: _empty_like_output(x, weight),
                                 lib=library)
     torch.library.register_fake("vaebuild::conv3x3_add", lambda x, weight, bias, residual, pad_end:
                                 _empty_like_output(x, weight, pad_end), lib=library)
-    torch.library.register_fake("vaebuild::conv3x3_add_rms_silu", lambda x, weight, bias, residual, gamma:
-                                _empty_like_output(x, weight), lib=library)
     return library
 
 
@@ -111,25 +90,17 @@ class FusedNormResidualBlock(nn.Module):
     `SingleFrameConv`s) with `conv1 -> norm2 -> SiLU` through `vaebuild::conv3x3_rms_silu` (dropout: eval only).
 
     With `pad_end` (set when a downsampler follows, see `PaddedInputDownsample`) it also computes `conv2(x) + h` through
-    `vaebuild::conv3x3_add` and returns it with the downsampler's zero padding: one pass over the tensor fewer. After
-    `compute_head_norm` (the decoder's last block) it returns `head_norm -> SiLU` of `conv2(x) + h` through
-    `vaebuild::conv3x3_add_rms_silu`: the sum is never written."""
+    `vaebuild::conv3x3_add` and returns it with the downsampler's zero padding: one pass over the tensor fewer."""
 
     def __init__(self, block):
         super().__init__()
         self.pad_end = 0
-        self.head_norm = None
         self.norm1 = block.norm1
         self.conv1 = block.conv1
         self.norm2 = block.norm2
         self.conv2 = block.conv2
         self.conv_shortcut = block.conv_shortcut
         self.nonlinearity = block.nonlinearity
-
-    def compute_head_norm(self, norm):
-        """Return `norm -> SiLU` of the block's output (`norm`: the decoder's head norm, whose own module then passes
-        it through, see `ComputedHeadNorm`). `norm` is not made a submodule: it keeps its state-dict name."""
-        object.__setattr__(self, "head_norm", norm)
 
     def forward(self, x, feat_cache=None, feat_idx=(0,)):
         if feat_cache is not None:
@@ -141,11 +112,8 @@ class FusedNormResidualBlock(nn.Module):
         # in another layout, the package copies it on every call: 0.9 ms at 1328x1328 on an H100).
         x = x.squeeze(2).contiguous(memory_format=torch.channels_last)
         x = torch.ops.vaebuild.conv3x3_rms_silu(x, conv.weight, conv.bias, self.norm2.gamma)
-        if self.pad_end or self.head_norm is not None:
+        if self.pad_end:
             conv2, h = self.conv2.conv, h.squeeze(2).contiguous(memory_format=torch.channels_last)
-            if self.head_norm is not None:
-                gamma = self.head_norm.gamma
-                return torch.ops.vaebuild.conv3x3_add_rms_silu(x, conv2.weight, conv2.bias, h, gamma).unsqueeze(2)
             return torch.ops.vaebuild.conv3x3_add(x, conv2.weight, conv2.bias, h, self.pad_end).unsqueeze(2)
         return self.conv2(x.unsqueeze(2)) + h
 
@@ -164,16 +132,3 @@ class PaddedInputDownsample(nn.Module):
         if feat_cache is not None:
             raise ValueError("PaddedInputDownsample computes single frames without a feature cache")
         return self.resample[1](x.squeeze(2)).unsqueeze(2)
-
-
-class ComputedHeadNorm(nn.Module):
-    """The decoder's head norm (diffusers' `QwenImageRMS_norm`, same `gamma`) after a `FusedNormResidualBlock` that
-    computes its `norm -> SiLU` (`compute_head_norm`): passes its input through, and the fold makes the decoder's SiLU
-    after it an identity too."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.gamma = norm.gamma
-
-    def forward(self, x):
-        return x

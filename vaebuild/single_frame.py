@@ -26,7 +26,7 @@ from torch import nn
 
 from vaebuild.attention import FastAttentionBlock
 from vaebuild.conv_norm import CHANNELS as FUSED_NORM_CHANNELS
-from vaebuild.conv_norm import ComputedHeadNorm, FusedNormResidualBlock, PaddedInputDownsample
+from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample
 
 
 class SingleFrameConv(nn.Module):
@@ -158,13 +158,9 @@ def _fusable(block):
     padding 1 and a bias, a norm2 without a bias (diffusers' default) and SiLU."""
     return (
         all(_is_plain_3x3(c.conv) and c.conv.bias is not None for c in (block.conv1, block.conv2))
-        and _plain_norm(block.norm2) and type(block.nonlinearity) is nn.SiLU
+        and not isinstance(block.norm2.bias, torch.Tensor) and block.norm2.channel_first
+        and type(block.nonlinearity) is nn.SiLU
     )
-
-
-def _plain_norm(norm):
-    """Whether a `QwenImageRMS_norm` normalises over channels without a bias (what the fused kernels compute)."""
-    return not isinstance(norm.bias, torch.Tensor) and norm.channel_first
 
 
 def _pads_like_downsampler(module):
@@ -178,16 +174,14 @@ def _pads_like_downsampler(module):
     )
 
 
-def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norms=False, fused_head_norm=True):
+def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norms=False):
     """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
 
     `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
     `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `fused_norms=True` runs each 96-channel
     residual block's `conv1 -> norm2 -> SiLU` as `vaebuild::conv3x3_rms_silu` (`conv_norm.FusedNormResidualBlock`:
     a Gluon kernel on Hopper, diffusers' computation elsewhere), and where such a block is followed by a downsampler,
-    its `conv2(x) + h` with the downsampler's zero padding as `vaebuild::conv3x3_add`, and the decoder's last block's
-    `conv2(x) + h` with the head's norm -> SiLU as `vaebuild::conv3x3_add_rms_silu` (unless `fused_head_norm=False`);
-    `conv_rewrites=True` runs each
+    its `conv2(x) + h` with the downsampler's zero padding as `vaebuild::conv3x3_add`; `conv_rewrites=True` runs each
     upsampler as `TransposedUpsampleConv`, convolutions of RGB input as `TapsConv` and 3x3 convolutions to
     RGB as `TapPlanesConv`. ONNX export uses none of them (TensorRT picks its own kernels).
     """
@@ -232,18 +226,4 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norm
             if isinstance(layers[i], FusedNormResidualBlock) and _pads_like_downsampler(layers[i + 1]):
                 layers[i].pad_end = 1
                 layers[i + 1] = PaddedInputDownsample(layers[i + 1])
-        if fused_head_norm:
-            _fuse_head_norm(folded.decoder)
     return folded
-
-
-def _fuse_head_norm(decoder):
-    """Have the decoder's last block, if a `FusedNormResidualBlock` right before the head, compute the head's
-    `norm_out -> SiLU` in its conv2 kernel; the head's norm and SiLU then pass its output through."""
-    last_up = decoder.up_blocks[-1]
-    last = last_up.resnets[-1]
-    if (isinstance(last, FusedNormResidualBlock) and last_up.upsamplers is None and _plain_norm(decoder.norm_out)
-            and type(decoder.nonlinearity) is nn.SiLU):
-        decoder.norm_out = ComputedHeadNorm(decoder.norm_out)
-        decoder.nonlinearity = nn.Identity()
-        last.compute_head_norm(decoder.norm_out)
