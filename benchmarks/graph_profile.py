@@ -34,8 +34,6 @@ REWRITES = {
     "attention": ({"fast_attention": True}, False),
     "rewrites": ({"fast_attention": True, "conv_rewrites": True}, False),
     "unfused": ({"fast_attention": True, "conv_rewrites": True}, True),  # shipped before step 19
-    "step21": ({"fast_attention": True, "conv_rewrites": True, "fused_norms": True, "fused_residuals": False},
-               True),  # shipped before step 23
     "shipped": ({"fast_attention": True, "conv_rewrites": True, "fused_norms": True}, True),
 }
 SETTINGS = {  # on top of the packages' own settings (`package_configs`, embedded weights)

@@ -89,15 +89,12 @@ class FusedNormResidualBlock(nn.Module):
     """diffusers' `QwenImageResidualBlock` (same submodules and state-dict names; its convolutions already
     `SingleFrameConv`s) with `conv1 -> norm2 -> SiLU` through `vaebuild::conv3x3_rms_silu` (dropout: eval only).
 
-    It also computes `conv2(x) + h` through `vaebuild::conv3x3_add` (the module after it then reads one tensor instead
-    of the convolution's output and h), with `pad_end` (set when a downsampler follows, see `PaddedInputDownsample`)
-    returning it with the downsampler's zero padding. `fused_residual = False` leaves `conv2(x) + h` to the compiler
-    where no downsampler follows (the packages before step 23 of `benchmarks/speed_notes.md`)."""
+    With `pad_end` (set when a downsampler follows, see `PaddedInputDownsample`) it also computes `conv2(x) + h` through
+    `vaebuild::conv3x3_add` and returns it with the downsampler's zero padding: one pass over the tensor fewer."""
 
     def __init__(self, block):
         super().__init__()
         self.pad_end = 0
-        self.fused_residual = True
         self.norm1 = block.norm1
         self.conv1 = block.conv1
         self.norm2 = block.norm2
@@ -115,7 +112,7 @@ class FusedNormResidualBlock(nn.Module):
         # in another layout, the package copies it on every call: 0.9 ms at 1328x1328 on an H100).
         x = x.squeeze(2).contiguous(memory_format=torch.channels_last)
         x = torch.ops.vaebuild.conv3x3_rms_silu(x, conv.weight, conv.bias, self.norm2.gamma)
-        if self.pad_end or self.fused_residual:
+        if self.pad_end:
             conv2, h = self.conv2.conv, h.squeeze(2).contiguous(memory_format=torch.channels_last)
             return torch.ops.vaebuild.conv3x3_add(x, conv2.weight, conv2.bias, h, self.pad_end).unsqueeze(2)
         return self.conv2(x.unsqueeze(2)) + h

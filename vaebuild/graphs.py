@@ -71,15 +71,14 @@ def describe_graphs(vae):
     )
 
 
-def build_graphs(vae, fold=True, fast_attention=False, conv_rewrites=False, fused_norms=False, fused_residuals=True):
+def build_graphs(vae, fold=True, fast_attention=False, conv_rewrites=False, fused_norms=False):
     """The (encoder, decoder) graph modules of `vae`; `fold=True` applies the single-frame 2-D rewrite.
 
     With `fold`: `fast_attention=True` runs the mid-block attention through `vaebuild::attention_d384`,
     `conv_rewrites=True` runs the upsamplers as transposed convolutions and the RGB convolution over its taps,
-    `fused_norms=True` the 96-channel residual blocks through `vaebuild::conv3x3_rms_silu` / `conv3x3_add`
-    (`fused_residuals=False`: `conv3x3_add` only before a downsampler).
+    `fused_norms=True` the 96-channel residual blocks through `vaebuild::conv3x3_rms_silu` / `conv3x3_add`.
     """
-    source = fold_single_frame(vae, fast_attention, conv_rewrites, fused_norms, fused_residuals) if fold else vae
+    source = fold_single_frame(vae, fast_attention, conv_rewrites, fused_norms) if fold else vae
     return EncoderGraph(source).eval(), DecoderGraph(source).eval()
 
 

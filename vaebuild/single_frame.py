@@ -174,14 +174,14 @@ def _pads_like_downsampler(module):
     )
 
 
-def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norms=False, fused_residuals=True):
+def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norms=False):
     """Return a copy of `vae` whose encoder, decoder and quant convs are single-frame 2-D graphs.
 
     `fast_attention=True` also swaps each mid-block attention for `attention.FastAttentionBlock` (the
     `vaebuild::attention_d384` op: Triton on Hopper, SDPA elsewhere); `fused_norms=True` runs each 96-channel
     residual block's `conv1 -> norm2 -> SiLU` as `vaebuild::conv3x3_rms_silu` (`conv_norm.FusedNormResidualBlock`:
-    a Gluon kernel on Hopper, diffusers' computation elsewhere) and its `conv2(x) + h` as `vaebuild::conv3x3_add` (with
-    the zero padding of a downsampler that follows; `fused_residuals=False`: only there); `conv_rewrites=True` runs each
+    a Gluon kernel on Hopper, diffusers' computation elsewhere), and where such a block is followed by a downsampler,
+    its `conv2(x) + h` with the downsampler's zero padding as `vaebuild::conv3x3_add`; `conv_rewrites=True` runs each
     upsampler as `TransposedUpsampleConv`, convolutions of RGB input as `TapsConv` and 3x3 convolutions to
     RGB as `TapPlanesConv`. ONNX export uses none of them (TensorRT picks its own kernels).
     """
@@ -219,9 +219,7 @@ def fold_single_frame(vae, fast_attention=False, conv_rewrites=False, fused_norm
             for name, child in list(parent.named_children()):
                 if (isinstance(child, QwenImageResidualBlock) and child.in_dim == child.out_dim == FUSED_NORM_CHANNELS
                         and _fusable(child)):
-                    block = FusedNormResidualBlock(child)
-                    block.fused_residual = fused_residuals
-                    setattr(parent, name, block)
+                    setattr(parent, name, FusedNormResidualBlock(child))
         # A fused block followed by a downsampler (the encoder's flat list) writes its output already padded.
         layers = folded.encoder.down_blocks
         for i in range(len(layers) - 1):
