@@ -23,8 +23,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vaebuild import attention_triton
-from vaebuild.attention_triton import DEFAULT_CONFIG
+from vaebuild.kernels import attention_fwd_triton as attention_triton
+from vaebuild.kernels.attention_fwd_triton import DEFAULT_CONFIG
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -62,7 +62,7 @@ def compile_ws_kernel(config):
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from vaebuild import attention_gluon
+    from vaebuild.kernels import attention_fwd_gluon as attention_gluon
 
     constants = dict(BLOCK_N=config.block_n, SPLIT=True, PINGPONG=config.pingpong, LAZY=config.lazy_rescale,
                      CONSUMER_REGS=config.consumer_regs,
@@ -113,7 +113,7 @@ def parse(text, default):
 if __name__ == "__main__":
     ws = "--ws" in sys.argv
     if ws:
-        from vaebuild.attention_gluon import DEFAULT_GLUON_CONFIG as default
+        from vaebuild.kernels.attention_fwd_gluon import DEFAULT_GLUON_CONFIG as default
     else:
         default = DEFAULT_CONFIG
     for text in [a for a in sys.argv[1:] if a != "--ws"] or [""]:

@@ -9,7 +9,7 @@
 2. Check: the fastest config vs fp32 math attention at 1, 63, 1000 and 27,556 tokens, bf16 and fp16, fresh
    random inputs, output memory poisoned with NaN before each call.
 3. Packaging: an AOTInductor package of a small module calling `torch.ops.vaebuild.attention_d384` is
-   compiled, loaded and compared with eager (the op runs whichever kernel `vaebuild.attention` picks: the
+   compiled, loaded and compared with eager (the op runs whichever kernel `vaebuild.kernels.attention` picks: the
    warp-specialized one with Triton 3.6, see attention_ws_kernel.py).
 Writes attention_kernel_h100.md and sweep.json under --out; the table is printed last.
 """
@@ -33,8 +33,8 @@ ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)  # AOTI load
 
 import triton  # noqa: E402
 
-import vaebuild.attention  # noqa: E402,F401 - registers torch.ops.vaebuild.attention_d384
-from vaebuild.attention_triton import KernelConfig, attention_forward  # noqa: E402
+import vaebuild.kernels.attention  # noqa: E402,F401 - registers torch.ops.vaebuild.attention_d384
+from vaebuild.kernels.attention_fwd_triton import KernelConfig, attention_forward  # noqa: E402
 
 TOKENS = 166 * 166
 FLOOR_MS = 4 * TOKENS**2 * 384 / 790e12 * 1e3

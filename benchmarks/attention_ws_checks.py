@@ -2,7 +2,7 @@
 
     python3 benchmarks/attention_ws_checks.py
 
-1. CUDA graphs: the op replayed through `vaebuild.cuda_graph.GraphedCall` equals its plain calls (two
+1. CUDA graphs: the op replayed through `vaebuild.backends.inductor.cuda_graph.GraphedCall` equals its plain calls (two
    inputs each at 27,556, 16,384 and 1,000 tokens).
 2. Data: the kernel's time (do_bench median) on the mid-block q/k/v of the 2-D eager encoder and decoder
    (the Qwen-Image VAE architecture, random weights of seed 0, bf16, 1328x1328) against randn q/k/v, with and
@@ -16,10 +16,10 @@ import torch
 import triton
 
 from graph_profile import graph_input, make_vae  # benchmarks/ sibling: the script's folder is on sys.path
-from vaebuild import attention_gluon
-from vaebuild.attention import FastAttentionBlock
-from vaebuild.cuda_graph import GraphedCall
-from vaebuild.graphs import build_graphs
+from vaebuild.kernels import attention_fwd_gluon as attention_gluon
+from vaebuild.kernels.attention import FastAttentionBlock
+from vaebuild.backends.inductor.cuda_graph import GraphedCall
+from vaebuild.model.graphs import build_graphs
 
 
 def attend(qkv):

@@ -39,7 +39,7 @@ def measure(name):
     import triton
     from attention_kernel import errors, poisoned, qkv_views, reference  # benchmarks/ sibling: on sys.path
 
-    from vaebuild import attention_gluon, attention_triton
+    from vaebuild.kernels import attention_fwd_gluon as attention_gluon, attention_fwd_triton as attention_triton
 
     if name == "triton":
         forward = attention_triton.attention_forward

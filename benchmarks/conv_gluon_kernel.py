@@ -96,7 +96,7 @@ def measure(variant):
     import torch
     import triton
 
-    from vaebuild.conv_gluon import ConvConfig, conv3x3_forward
+    from vaebuild.kernels.conv3x3_gluon import ConvConfig, conv3x3_forward
 
     config = ConvConfig(*(int(v) for v in variant.split(",")))
     for epilogue in EPILOGUES:

@@ -93,7 +93,7 @@ def in_packages(folder, calls=5):
     convolution ops (every profiler key with "conv" and a 4-D weight), grouped by shapes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vaebuild.inputs import sample_input
+    from vaebuild.model.inputs import sample_input
     from vaebuild.runtime import VaeRuntime, read_engine_dir
 
     manifest, entries_by_graph = read_engine_dir(folder)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from conv_rates import median_ms  # benchmarks/ sibling: the script's folder is on sys.path
-from vaebuild.inputs import sample_input
+from vaebuild.model.inputs import sample_input
 from vaebuild.runtime import VaeRuntime
 
 SHAPES = {"decoder": (1, 16, 1, 166, 166), "encoder": (1, 3, 1, 1328, 1328)}

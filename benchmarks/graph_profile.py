@@ -61,7 +61,7 @@ CATEGORIES = (  # (category, kernel name prefixes or substrings), first match wi
 
 
 def make_vae():
-    from vaebuild.model_source import ModelSource, load_vae
+    from vaebuild.model.source import ModelSource, load_vae
 
     return load_vae(ModelSource(random_init=True, seed=0))
 
@@ -77,8 +77,8 @@ def graph_input(graph, width, height, device, dtype, seed=0):
 
 def compile_variant(name, width, height, package_path):
     """Export and compile one variant's package (runs in a worker process); returns compile seconds."""
-    from vaebuild.backends.inductor import package_configs
-    from vaebuild.graphs import build_graphs
+    from vaebuild.backends.inductor.compile import package_configs
+    from vaebuild.model.graphs import build_graphs
 
     graph, rewrites, settings = VARIANTS[name]
     flags, channels_last = REWRITES[rewrites]
@@ -156,9 +156,9 @@ def category_of(kernel):
 
 def measure(names, packages, width, height):
     """One record per variant plus the diffusers baselines, all in this process."""
-    from vaebuild.backends.inductor import load_package
-    from vaebuild.cuda_graph import GraphedCall
-    from vaebuild.graphs import build_graphs
+    from vaebuild.backends.inductor.load import load_package
+    from vaebuild.backends.inductor.cuda_graph import GraphedCall
+    from vaebuild.model.graphs import build_graphs
 
     torch.backends.cudnn.allow_tf32 = False  # the reference is true fp32 (cuDNN allows TF32 by default)
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -12,8 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import vaebuild.attention  # noqa: F401 - registers vaebuild::attention_d384
-import vaebuild.conv_norm  # noqa: F401 - registers vaebuild::conv3x3_rms_silu and conv3x3_add
+import vaebuild.kernels.attention  # noqa: F401 - registers vaebuild::attention_d384
+import vaebuild.kernels.conv_norm  # noqa: F401 - registers vaebuild::conv3x3_rms_silu and conv3x3_add
 
 
 def main():

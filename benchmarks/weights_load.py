@@ -55,8 +55,8 @@ def main():
     if not (args.folder / "record.json").is_file():
         import torch
 
-        from vaebuild.graphs import build_graphs
-        from vaebuild.model_source import ModelSource, load_vae
+        from vaebuild.model.graphs import build_graphs
+        from vaebuild.model.source import ModelSource, load_vae
         from vaebuild.weights_file import WEIGHTS_NAME, write_weights_file
 
         graphs = [g.to(torch.bfloat16) for g in build_graphs(load_vae(ModelSource(random_init=True)))]

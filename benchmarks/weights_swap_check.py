@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vaebuild.graphs import build_graphs  # noqa: E402
-from vaebuild.inputs import sample_latents  # noqa: E402
-from vaebuild.model_source import ModelSource, load_vae  # noqa: E402
-from vaebuild.precision import get_precision  # noqa: E402
+from vaebuild.model.graphs import build_graphs  # noqa: E402
+from vaebuild.model.inputs import sample_latents  # noqa: E402
+from vaebuild.model.source import ModelSource, load_vae  # noqa: E402
+from vaebuild.model.precision import get_precision  # noqa: E402
 from vaebuild.runtime import VaeRuntime  # noqa: E402
 from vaebuild.weights_file import write_weights_file  # noqa: E402
 

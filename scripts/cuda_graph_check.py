@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vaebuild.inputs import sample_input
+from vaebuild.model.inputs import sample_input
 from vaebuild.runtime import VaeRuntime, read_engine_dir
 
 

@@ -3,7 +3,7 @@
     python scripts/diffusers_pipeline_bench.py --engines DIR --out OUTDIR [--size 1328x1328 --runs 20]
 
 The pipeline has a tiny random transformer and the full-size Qwen-Image VAE with seeded random weights
-(`vaebuild.model_source`, as `--random-init`); nothing is downloaded (needs torch, diffusers and
+(`vaebuild.model.source`, as `--random-init`); nothing is downloaded (needs torch, diffusers and
 transformers). Each VAE serves one real pipeline run at the size (`pipe.vae` is swapped); the latents
 the pipeline passed to `vae.decode` are recorded, then `vae.decode(latents, return_dict=False)` on them
 is timed with CUDA events (median, p90 and min of --runs after --warmup). EngineVae runs with
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from vaebuild.bench import _device_info, _versions, summarize, time_calls  # noqa: E402
 from vaebuild.fileio import write_json  # noqa: E402
-from vaebuild.model_source import ModelSource, load_vae  # noqa: E402
+from vaebuild.model.source import ModelSource, load_vae  # noqa: E402
 from vaebuild.runtime import EngineVae  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -4,7 +4,7 @@
 #   scripts/gpu_inductor.sh WORK_DIR OUT_DIR [model options, default --random-init]
 #
 # Installs the wheels carried in .whl/ (diffusers, importlib_metadata, polygraphy) into /tmp/site
-# when diffusers is missing, then (env STATIC_SPEC, default profiles/all_static.yaml: all 14 sizes;
+# when diffusers is missing, then (env STATIC_SPEC, default vaebuild/builder/profiles/all_static.yaml: all 14 sizes;
 # JOBS, default 8: parallel compiles per build):
 #   1. builds, concurrently: WORK/static (weight-free packages + weights.safetensors), WORK/embedded
 #      (the same with --embed-weights: the twins), WORK/multi (one dynamic package per graph for the
@@ -22,7 +22,7 @@ shift 2
 model=("$@")
 [[ ${#model[@]} -eq 0 ]] && model=(--random-init)
 repo=$(cd "$(dirname "$0")/.." && pwd)
-spec=${STATIC_SPEC:-$repo/profiles/all_static.yaml}
+spec=${STATIC_SPEC:-$repo/vaebuild/builder/profiles/all_static.yaml}
 jobs=${JOBS:-8}
 mkdir -p "$work" "$out"
 log="$out/gpu_inductor.log"

@@ -8,11 +8,11 @@ Exports into --onnx unless an identical export is there, then runs each graph on
 
 import argparse
 
-from vaebuild.export import ExportOptions, export_unless_current
-from vaebuild.graphs import build_graphs, describe_graphs
-from vaebuild.inputs import sample_input
-from vaebuild.model_source import ModelSource, load_vae
-from vaebuild.onnx_check import compare_with_torch
+from vaebuild.export.onnx import ExportOptions, export_unless_current
+from vaebuild.model.graphs import build_graphs, describe_graphs
+from vaebuild.model.inputs import sample_input
+from vaebuild.model.source import ModelSource, load_vae
+from vaebuild.export.check import compare_with_torch
 
 
 def main():

@@ -58,7 +58,7 @@ def tiny_vae_dir(tiny_vae, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx_dir(tiny_vae, tmp_path_factory):
     """`tiny_vae` exported to fp32 ONNX (both graphs and the record), once per session."""
-    from vaebuild.export import ExportOptions, export_onnx
+    from vaebuild.export.onnx import ExportOptions, export_onnx
 
     out = tmp_path_factory.mktemp("tiny_onnx")
     export_onnx(tiny_vae, {"kind": "test"}, out, ExportOptions(precision="fp32"), log=lambda *a, **k: None)
@@ -69,7 +69,7 @@ def assert_graphs_match_diffusers(vae, sizes, tol=1e-4, **graph_options):
     """`build_graphs(vae, **graph_options)` equals diffusers' own encode()/decode() at each (batch, height, width)."""
     import torch
 
-    from vaebuild.graphs import build_graphs
+    from vaebuild.model.graphs import build_graphs
 
     encoder, decoder = build_graphs(vae, **graph_options)
     z_dim = vae.config.z_dim

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageAttentionBlock
 
 from tests.conftest import assert_graphs_match_diffusers, make_tiny_vae
-from vaebuild.attention import FastAttentionBlock, kernel_usable
-from vaebuild.single_frame import fold_single_frame
+from vaebuild.kernels.attention import FastAttentionBlock, kernel_usable
+from vaebuild.model.single_frame import fold_single_frame
 
 
 def _qkv_views(tokens, dim, seed):
@@ -69,7 +69,7 @@ def test_package_calls_the_op_by_name(tmp_path):
     """An AOTInductor package keeps the op as a call by name (torch's proxy executor) and runs it when loaded."""
     import zipfile
 
-    from vaebuild.backends.inductor import load_package
+    from vaebuild.backends.inductor.load import load_package
 
     qkv = torch.randn(1, 1, 37, 3 * 384)
     program = torch.export.export(_Attend(), (qkv,))

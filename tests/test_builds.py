@@ -14,14 +14,14 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from vaebuild.builds import build_engines
+from vaebuild.builder.engines import build_engines
 from vaebuild.cli import app
 from vaebuild.backends.base import BuildOptions
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.fileio import sha256_file
 from vaebuild.manifest import LOCK_NAME, MANIFEST_NAME
-from vaebuild.specs import load_spec
+from vaebuild.builder.specs import load_spec
 
 pytest.importorskip(
     "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13-bindings)"
@@ -567,7 +567,7 @@ def test_cli_compute_capability_is_recorded(tiny_onnx_dir, tmp_path):
 
 
 def test_cli_model_options_export_then_skip(tiny_vae, tiny_vae_dir, tmp_path):
-    from vaebuild.model_source import weights_sha256
+    from vaebuild.model.source import weights_sha256
 
     out, spec = tmp_path / "out", write_static_spec(tmp_path)
     args = (
@@ -599,7 +599,7 @@ def test_cli_model_options_export_then_skip(tiny_vae, tiny_vae_dir, tmp_path):
 
 
 def test_shipped_multiprofile_spec_for_the_tiny_model(tiny_onnx_dir, tmp_path):
-    shipped = load_spec(Path(__file__).resolve().parents[1] / "profiles" / "i2i_multiprofile.yaml")
+    shipped = load_spec(Path(__file__).resolve().parents[1] / "vaebuild" / "builder" / "profiles" / "i2i_multiprofile.yaml")
     out = tmp_path / "out"
 
     result = invoke("multiprofile", "--onnx", tiny_onnx_dir, "--backend", "tensorrt_rtx", "--out", out)

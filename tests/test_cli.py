@@ -124,12 +124,12 @@ def test_export_bad_options(runner, tiny_vae_dir, tmp_path, args, fragment):
     ids=["mismatch", "backend_missing"],
 )
 def test_export_error_exit_codes(runner, tiny_vae_dir, tmp_path, monkeypatch, error, exit_code):
-    import vaebuild.export
+    import vaebuild.export.onnx
 
     def failing_export(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(vaebuild.export, "export_onnx", failing_export)
+    monkeypatch.setattr(vaebuild.export.onnx, "export_onnx", failing_export)
     result = runner.invoke(app, ["export", "--model", str(tiny_vae_dir), "--out", str(tmp_path / "onnx")])
     assert result.exit_code == exit_code
     _assert_one_error_line(result, str(error))

@@ -10,8 +10,8 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageResidualBlock
 
 from tests.conftest import assert_graphs_match_diffusers, make_tiny_vae
-from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample, kernel_usable, reference
-from vaebuild.single_frame import SingleFrameConv, fold_single_frame
+from vaebuild.kernels.conv_norm import FusedNormResidualBlock, PaddedInputDownsample, kernel_usable, reference
+from vaebuild.model.single_frame import SingleFrameConv, fold_single_frame
 
 
 def _folded_block(seed, channels=96):
@@ -73,7 +73,7 @@ class _ConvNorm(torch.nn.Module):
 
 
 def test_op_survives_export_and_packages_call_it_by_name(tmp_path):
-    from vaebuild.backends.inductor import load_package
+    from vaebuild.backends.inductor.load import load_package
 
     _, folded = _folded_block(seed=2)
     module = _ConvNorm(folded).eval()
@@ -108,9 +108,9 @@ def test_fold_with_fused_norms_equals_diffusers():
 
 
 def test_packages_use_the_op_from_1024x768_static_shapes_on():
-    from vaebuild.builds import FUSED_NORM_MIN_PIXELS, BuildSource
+    from vaebuild.backends.inductor.compile import FUSED_NORM_MIN_PIXELS, uses_fused_norms
 
-    source = BuildSource({"graphs": {"encoder": {"spatial_multiple": 8}, "decoder": {"spatial_multiple": 1}}})
+    record = {"graphs": {"encoder": {"spatial_multiple": 8}, "decoder": {"spatial_multiple": 1}}}
 
     def static(graph, height, width):
         shape = (1, 3, 1, height, width) if graph == "encoder" else (1, 16, 1, height // 8, width // 8)
@@ -118,9 +118,9 @@ def test_packages_use_the_op_from_1024x768_static_shapes_on():
 
     assert FUSED_NORM_MIN_PIXELS == 1024 * 768
     for graph in ("encoder", "decoder"):
-        assert source.uses_fused_norms(graph, static(graph, 1328, 1328))
-        assert source.uses_fused_norms(graph, static(graph, 768, 1024))
-        assert not source.uses_fused_norms(graph, static(graph, 512, 512))
-        assert not source.uses_fused_norms(graph, static(graph, 480, 848))
+        assert uses_fused_norms(record, graph, static(graph, 1328, 1328))
+        assert uses_fused_norms(record, graph, static(graph, 768, 1024))
+        assert not uses_fused_norms(record, graph, static(graph, 512, 512))
+        assert not uses_fused_norms(record, graph, static(graph, 480, 848))
     dynamic = [{"x": ((1, 3, 1, 512, 512), (1, 3, 1, 1328, 1328), (1, 3, 1, 1920, 1920))}]
-    assert not source.uses_fused_norms("encoder", dynamic)  # dynamic shapes: inductor's own kernels
+    assert not uses_fused_norms(record, "encoder", dynamic)  # dynamic shapes: inductor's own kernels

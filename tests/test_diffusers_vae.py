@@ -15,10 +15,10 @@ import torch
 from conftest import make_tiny_vae
 
 from vaebuild.backends.base import BuildOptions
-from vaebuild.builds import BuildSource, build_engines
+from vaebuild.builder.engines import BuildSource, build_engines
 from vaebuild.errors import UserInputError
 from vaebuild.runtime import EngineVae
-from vaebuild.specs import load_spec
+from vaebuild.builder.specs import load_spec
 from vaebuild.verify import DEFAULT_TOLERANCES
 
 pytest.importorskip("transformers", reason="diffusers' Qwen-Image pipelines need transformers")

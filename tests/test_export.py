@@ -12,12 +12,13 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 import vaebuild
-import vaebuild.export
-import vaebuild.precision
+import vaebuild.export.onnx
+import vaebuild.model.precision
 from vaebuild.errors import MismatchError, UserInputError
-from vaebuild.export import RECORD_NAME, ExportOptions, export_onnx
-from vaebuild.model_source import weights_sha256
-from vaebuild.onnx_check import run_onnxruntime
+from vaebuild.export import RECORD_NAME
+from vaebuild.export.onnx import ExportOptions, export_onnx
+from vaebuild.model.source import weights_sha256
+from vaebuild.export.check import run_onnxruntime
 
 ELEM_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 OPSETS = {"fp32": 18, "fp16": 18, "bf16": 22}
@@ -115,7 +116,7 @@ def test_export_record(exported, tiny_vae):
     assert record["versions"]["onnx"] == onnx.__version__
     assert record["versions"]["onnxruntime"]
     assert set(record["graphs"]) == {"encoder", "decoder"}
-    tolerance = vaebuild.precision.PRECISIONS[precision].max_rel_error
+    tolerance = vaebuild.model.precision.PRECISIONS[precision].max_rel_error
     for graph, entry in record["graphs"].items():
         assert entry["file"] == FILES[graph]
         assert entry["sha256"] == hashlib.sha256((folder / FILES[graph]).read_bytes()).hexdigest()
@@ -146,8 +147,8 @@ def test_fp32_onnxruntime_matches_pytorch_at_another_size(tiny_onnx_dir, tiny_va
 def test_reduced_precision_onnxruntime_matches_pytorch_at_another_size(precision, tiny_vae, request):
     folder = request.getfixturevalue(f"{precision}_onnx_dir")
     # The reference holds the same rounded weights as the export, computing in float32.
-    reference = copy.deepcopy(tiny_vae).to(vaebuild.precision.PRECISIONS[precision].dtype).float()
-    tolerance = vaebuild.precision.PRECISIONS[precision].max_rel_error
+    reference = copy.deepcopy(tiny_vae).to(vaebuild.model.precision.PRECISIONS[precision].dtype).float()
+    tolerance = vaebuild.model.precision.PRECISIONS[precision].max_rel_error
     images, latents = _images(2, 40, 56, seed=1), _latents(2, 5, 7, seed=1)
     expected_outputs = _torch_reference(reference, images, latents)
     for name, feed, expected in zip(("encoder", "decoder"), (images, latents), expected_outputs):
@@ -182,7 +183,7 @@ def test_no_fold_export_matches_pytorch(tiny_vae, tiny_onnx_dir, tmp_path):
 
 def test_parity_failure_raises_and_leaves_nothing(tiny_vae, tmp_path, monkeypatch):
     """A decoder graph that computes something else (a perturbed weight) fails parity: exit code 4, no files."""
-    real_check = vaebuild.export.check_model_file
+    real_check = vaebuild.export.onnx.check_model_file
 
     def check_then_perturb(path):
         real_check(path)
@@ -193,7 +194,7 @@ def test_parity_failure_raises_and_leaves_nothing(tiny_vae, tmp_path, monkeypatc
             weight.CopyFrom(numpy_helper.from_array(values + 0.5 * np.abs(values).max(), weight.name))
             onnx.save(model, str(path))
 
-    monkeypatch.setattr(vaebuild.export, "check_model_file", check_then_perturb)
+    monkeypatch.setattr(vaebuild.export.onnx, "check_model_file", check_then_perturb)
     out = tmp_path / "out"
     lines = []
     with pytest.raises(MismatchError) as info:
@@ -209,8 +210,8 @@ def test_parity_failure_raises_and_leaves_nothing(tiny_vae, tmp_path, monkeypatc
 
 def test_zero_tolerance_fails_parity(tiny_vae, tmp_path, monkeypatch):
     """With the fp32 tolerance set to zero, float rounding alone fails the check (into an existing, empty dir)."""
-    strict = dataclasses.replace(vaebuild.precision.PRECISIONS["fp32"], max_rel_error=0.0)
-    monkeypatch.setitem(vaebuild.precision.PRECISIONS, "fp32", strict)
+    strict = dataclasses.replace(vaebuild.model.precision.PRECISIONS["fp32"], max_rel_error=0.0)
+    monkeypatch.setitem(vaebuild.model.precision.PRECISIONS, "fp32", strict)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(MismatchError) as info:
@@ -248,11 +249,11 @@ def test_out_path_is_a_file(tiny_vae, tmp_path):
 def test_full_size_bf16_export_passes_its_parity_check(tmp_path):
     """The real architecture in bf16: its graph constants stay bf16-rounded even in the fp32 twin, so
     the parity tolerance must hold at full depth (it once failed at 3e-3 against a 1e-3 limit)."""
-    from vaebuild.model_source import ModelSource, load_vae
+    from vaebuild.model.source import ModelSource, load_vae
 
     source = ModelSource(random_init=True)
     record = export_onnx(load_vae(source), source.describe(), tmp_path, ExportOptions(precision="bf16"), log=lambda *a: None)
     for graph in ("encoder", "decoder"):
         parity = record["graphs"][graph]["parity"]
         assert parity["passed"] and parity["executed_as"] == "float32 twin of bf16 graph"
-        assert 0 < parity["max_rel"] < vaebuild.precision.PRECISIONS["bf16"].max_rel_error
+        assert 0 < parity["max_rel"] < vaebuild.model.precision.PRECISIONS["bf16"].max_rel_error

@@ -27,7 +27,7 @@ from vaebuild.cli.errors import format_os_error
 from vaebuild.errors import FILE_SYSTEM_EXIT_CODE, INTERRUPTED_EXIT_CODE, ModelLoadError
 from vaebuild.fileio import sha256_file
 from vaebuild.manifest import LOCK_NAME, MANIFEST_NAME, engine_file_problem, manifest_lock, update_manifest
-from vaebuild.model_source import ModelSource, load_vae, weights_sha256
+from vaebuild.model.source import ModelSource, load_vae, weights_sha256
 
 # Polygraphy sets a timing cache on every config; TensorRT-RTX deprecates that call (a no-op there).
 pytestmark = pytest.mark.filterwarnings("ignore:.*Timing cache operations are no-ops:DeprecationWarning")
@@ -337,12 +337,12 @@ def test_sigint_during_a_build_exits_130_and_lists_only_finished_engines(tiny_on
 
 
 def test_ctrl_c_during_export_is_one_line(tiny_vae_dir, tmp_path, monkeypatch):
-    import vaebuild.export
+    import vaebuild.export.onnx
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vaebuild.export, "export_onnx", interrupted)
+    monkeypatch.setattr(vaebuild.export.onnx, "export_onnx", interrupted)
     result = invoke(monkeypatch, "export", "--model", tiny_vae_dir, "--out", tmp_path / "onnx")
 
     assert result.exit_code == INTERRUPTED_EXIT_CODE

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from vaebuild.backends.base import BuildOptions
-from vaebuild.builds import build_engines, model_for_build
+from vaebuild.builder.engines import build_engines, model_for_build
 from vaebuild.errors import UserInputError
-from vaebuild.graphs import build_graphs
-from vaebuild.inputs import sample_images, sample_latents
-from vaebuild.model_source import ModelSource
+from vaebuild.model.graphs import build_graphs
+from vaebuild.model.inputs import sample_images, sample_latents
+from vaebuild.model.source import ModelSource
 from vaebuild.runtime import VaeRuntime
-from vaebuild.specs import load_spec
+from vaebuild.builder.specs import load_spec
 from vaebuild.verify import NOT_RUN, PASS, VerifyOptions, verify_build
 
 STATIC_SPEC = """kind: static
@@ -285,7 +285,7 @@ def test_a_weights_file_too_short_is_refused_with_one_line(tmp_path):
 
 
 def test_cuda_packages_are_coordinate_descent_tuned_and_cpu_packages_not():
-    from vaebuild.backends.inductor import package_configs
+    from vaebuild.backends.inductor.compile import package_configs
 
     assert package_configs(False, "cuda") == {
         "coordinate_descent_tuning": True,
@@ -344,7 +344,7 @@ def test_cuda_graphs_need_packages_on_a_cuda_device(static_dir):
 def test_graphed_call_captures_once_per_shape_and_copies_each_input_in(monkeypatch):
     """The replay bookkeeping, with a stand-in for the CUDA capture (no GPU here; the GPU check is
     scripts/cuda_graph_check.py): a replay recomputes the static output from the static input."""
-    from vaebuild.cuda_graph import GraphedCall
+    from vaebuild.backends.inductor.cuda_graph import GraphedCall
 
     class FakeGraph:
         def __init__(self, run, static_x, static_out):
@@ -371,7 +371,7 @@ def test_graphed_call_captures_once_per_shape_and_copies_each_input_in(monkeypat
 
 
 def test_graphed_call_refuses_cpu_tensors():
-    from vaebuild.cuda_graph import GraphedCall
+    from vaebuild.backends.inductor.cuda_graph import GraphedCall
 
     with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
         GraphedCall(lambda x: x)(torch.zeros(2))

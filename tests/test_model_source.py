@@ -9,7 +9,7 @@ from diffusers import AutoencoderKLQwenImage
 from safetensors.torch import save_file
 
 from vaebuild.errors import ModelLoadError, UserInputError
-from vaebuild.model_source import ModelSource, load_vae, weights_sha256
+from vaebuild.model.source import ModelSource, load_vae, weights_sha256
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -15,16 +15,16 @@ from unittest import mock
 import pytest
 import torch
 
-from vaebuild.builds import build_engines
+from vaebuild.builder.engines import build_engines
 from vaebuild.backends.base import BuildOptions, EngineInfo
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.fileio import sha256_file
-from vaebuild.graphs import build_graphs
-from vaebuild.inputs import sample_images, sample_latents
-from vaebuild.model_source import weights_sha256
+from vaebuild.model.graphs import build_graphs
+from vaebuild.model.inputs import sample_images, sample_latents
+from vaebuild.model.source import weights_sha256
 from vaebuild.runtime import EngineProfile, EngineUnavailableError, TrtVae, choose_profile
-from vaebuild.specs import load_spec
+from vaebuild.builder.specs import load_spec
 
 STATIC_SPEC = """kind: static
 max_side: 128

@@ -10,8 +10,8 @@ from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
 )
 
 from conftest import assert_graphs_match_diffusers, make_tiny_vae
-from vaebuild.model_source import ModelSource, load_vae
-from vaebuild.single_frame import (
+from vaebuild.model.source import ModelSource, load_vae
+from vaebuild.model.single_frame import (
     NearestUpsample2x,
     SingleFrameConv,
     TapPlanesConv,

@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from vaebuild.errors import SpecError
-from vaebuild.specs import (
+from vaebuild.builder.specs import (
     ImageSize,
     Profile,
     RoundingWarning,

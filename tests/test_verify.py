@@ -72,11 +72,11 @@ def quiet(*args, **kwargs):
 @pytest.fixture(scope="module")
 def builds(tiny_vae_dir, tmp_path_factory):
     """{"onnx", "static", "multiprofile"}: an fp16 export of `tiny_vae_dir` and both builds of it."""
-    from vaebuild.builds import build_engines
+    from vaebuild.builder.engines import build_engines
     from vaebuild.backends.base import BuildOptions
-    from vaebuild.export import ExportOptions, export_onnx
-    from vaebuild.model_source import ModelSource, load_vae
-    from vaebuild.specs import load_spec
+    from vaebuild.export.onnx import ExportOptions, export_onnx
+    from vaebuild.model.source import ModelSource, load_vae
+    from vaebuild.builder.specs import load_spec
 
     root = tmp_path_factory.mktemp("verify")
     source = ModelSource(model=str(tiny_vae_dir))

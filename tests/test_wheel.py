@@ -18,7 +18,8 @@ from pathlib import Path
 import vaebuild
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "vaebuild", "profiles")
+SOURCES = ("pyproject.toml", "README.md", "vaebuild")
+SPECS = ROOT / "vaebuild" / "builder" / "profiles"
 
 
 def run(*args, **kwargs):
@@ -33,14 +34,14 @@ def test_wheel_ships_every_spec_and_runs(tmp_path):
     src.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, src / name)
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
         "-w", tmp_path / "dist", src)
     (wheel,) = (tmp_path / "dist").glob("vaebuild-*.whl")
-    shipped_yaml = sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))
-    in_wheel = sorted(Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.startswith("vaebuild/profiles/"))
+    shipped_yaml = sorted(p.name for p in SPECS.glob("*.yaml"))
+    in_wheel = sorted(Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.startswith("vaebuild/builder/profiles/"))
     assert in_wheel == shipped_yaml
 
     env_dir = tmp_path / "venv"
@@ -51,7 +52,7 @@ def test_wheel_ships_every_spec_and_runs(tmp_path):
     (site / "zz_test_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
 
     check = (
-        "import sys, vaebuild, warnings; from vaebuild.specs import find_spec, load_spec, shipped_specs; "
+        "import sys, vaebuild, warnings; from vaebuild.builder.specs import find_spec, load_spec, shipped_specs; "
         f"assert vaebuild.__file__.startswith({str(env_dir)!r}), vaebuild.__file__; "
         "warnings.simplefilter('ignore'); "
         "specs = shipped_specs(); [load_spec(find_spec(name)) for name in specs]; print(' '.join(specs))"

@@ -7,8 +7,10 @@ A backend is one engine format (Polygraphy's `backend/` folder is the model). Ea
   (AOTInductor packages are compiled from the single-frame 2-D graph modules themselves);
 - `check_options(options)`: reject options that do not apply to it (one line, UserInputError);
 - `version()`: the version engines are tied to (raises BackendMissingError when not installed);
+- `kernel_choices(record, graph, profiles)`: which of vaebuild's ops an engine runs (part of its build key);
 - `build_engine(source, graph, engine_path, profiles, options)`: one engine holding `profiles`,
-  written atomically, described by an `EngineInfo`;
+  written atomically, described by an `EngineInfo`; backends that build in worker processes (`jobs`) also
+  give `build_request(...)` (plain data, same arguments) and `build_from_request(request)`;
 - `unavailable_reason(entry, device)`: None when the engine a manifest entry describes can run on
   `device` here, else one line saying why not;
 - `load_runner(engine_path, entry, profile_index, weights=None, name=None)`: a Polygraphy runner

@@ -64,6 +64,10 @@ class TensorRTBackend:
             if not targets or not all(len(cc) == 2 and all(_is_int(n) and n >= 0 for n in cc) for cc in targets):
                 raise UserInputError(f"compute_capabilities must be (major, minor) integer pairs, got {targets!r}")
 
+    def kernel_choices(self, record, graph, profiles) -> dict:
+        """TensorRT engines run none of vaebuild's ops (the build key records that)."""
+        return {"fast_kernels": False, "fused_norms": False}
+
     def version(self) -> str:
         """The installed TensorRT version (engines only load in the version that built them)."""
         return import_polygraphy_trt(self.name).trt.__version__

@@ -74,7 +74,7 @@ def bench(
 ):
     """Measure VAE encoder and decoder latency per size: diffusers 3-D, vaebuild 2-D, and built engines."""
     from vaebuild.bench import BenchOptions, default_sizes, parse_sizes, render_markdown, run_bench, write_results
-    from vaebuild.model_source import load_vae
+    from vaebuild.model.source import load_vae
 
     source = model_source(model, random_init, seed, config, allow_pickle)
     options = BenchOptions(

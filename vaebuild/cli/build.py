@@ -87,60 +87,6 @@ def _parse_compute_capabilities(values):
     return tuple(targets)
 
 
-def _run_build(kind, out, spec, ratios, onnx, source_args, export_args, builder_args, allow_non_fp16, json_path):
-    from vaebuild.backends import get_backend
-    from vaebuild.backends.base import BuildOptions
-    from vaebuild.builds import build_engines, check_before_export, export_for_build, model_for_build
-    from vaebuild.contracts import runtime_contract
-    from vaebuild.fileio import check_output_folder
-    from vaebuild.progress import progress_log
-    from vaebuild.specs import default_spec_path, find_spec, load_spec
-    from vaebuild.summary import BUILD_STATUSES, summary_written
-
-    backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs = builder_args
-    precision, opset, fold, device = export_args
-    with summary_written(json_path, kind, out, BUILD_STATUSES) as summary, progress_log(typer.echo) as log:
-        compiles_pytorch = get_backend(backend).builds_from == "pytorch"
-        options = BuildOptions(
-            backend=backend,
-            builder_optimization_level=opt_level,
-            workspace_gib=workspace_gib,
-            timing_cache=timing_cache,
-            compute_capabilities=_parse_compute_capabilities(compute_capability),
-            device=("cpu" if device == "cpu" else "cuda") if compiles_pytorch else None,
-            embed_weights=embed_weights,
-            jobs=jobs,
-        )
-        precision = precision or ("bf16" if compiles_pytorch else "fp16")
-        loaded = load_spec(find_spec(spec) if spec else default_spec_path(kind))
-        if ratios:
-            loaded = loaded.select([name.strip() for name in ratios.split(",") if name.strip()])
-        check_output_folder(out)
-        if onnx is not None and any(source_args[:2]):
-            raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
-        if compiles_pytorch:
-            if onnx is not None:
-                raise UserInputError(
-                    f"the {backend} backend compiles the PyTorch model; pass --model or --random-init, not --onnx"
-                )
-            check_before_export(kind, loaded, options)  # fail now, not after loading the model
-            source = model_for_build(model_source(*source_args), precision, log=log)
-        elif onnx is None:
-            # Fail now, not after a long export.
-            check_before_export(kind, loaded, options)
-            runtime_contract(backend, precision, allow_non_fp16)
-            source = export_for_build(
-                model_source(*source_args), export_options(precision, opset, fold, device), out, log=log
-            )
-        else:
-            source = onnx
-        manifest = build_engines(kind, loaded, source, out, options, log=log, allow_non_fp16=allow_non_fp16,
-                                 summary=summary)
-        summary.details.update(manifest=str(Path(out) / "manifest.json"), runtime_contract=manifest["runtime_contract"],
-                               spec=str(loaded.path), backend=backend)
-    typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")
-
-
 def _build_command(kind, summary):
     """The Typer command for one build kind; `static` and `multiprofile` share every option."""
 
@@ -168,12 +114,27 @@ def _build_command(kind, summary):
         allow_non_fp16: AllowNonFp16Option = False,
         json_path: JsonSummaryOption = None,
     ):
-        _run_build(
-            kind, out, spec, ratios, onnx,
-            (model, random_init, seed, config, allow_pickle), (precision, opset, fold, device),
-            (backend, opt_level, workspace_gib, timing_cache, compute_capability, embed_weights, jobs),
-            allow_non_fp16, json_path,
-        )
+        from vaebuild.builder.run import BuilderSettings, BuildRequest, ExportSettings, run_build
+        from vaebuild.progress import progress_log
+        from vaebuild.summary import BUILD_STATUSES, summary_written
+
+        with summary_written(json_path, kind, out, BUILD_STATUSES) as summary, progress_log(typer.echo) as log:
+            request = BuildRequest(
+                kind=kind,
+                out=out,
+                model=model_source(model, random_init, seed, config, allow_pickle) if (model or random_init) else None,
+                onnx=onnx,
+                spec=spec,
+                ratios=tuple(name.strip() for name in (ratios or "").split(",") if name.strip()),
+                export=ExportSettings(precision=precision, opset=opset, fold=fold, device=device),
+                builder=BuilderSettings(
+                    backend=backend, opt_level=opt_level, workspace_gib=workspace_gib, timing_cache=timing_cache,
+                    compute_capabilities=_parse_compute_capabilities(compute_capability), embed_weights=embed_weights,
+                    jobs=jobs, allow_non_fp16=allow_non_fp16,
+                ),
+            )
+            manifest = run_build(request, log=log, summary=summary)
+        typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")
 
     command.__name__ = kind
     command.__doc__ = summary

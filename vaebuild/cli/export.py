@@ -35,8 +35,8 @@ def export(
     device: DeviceOption = "auto",
 ):
     """Export the VAE encoder and decoder to ONNX and check both against PyTorch."""
-    from vaebuild.export import export_onnx
-    from vaebuild.model_source import load_vae
+    from vaebuild.export.onnx import export_onnx
+    from vaebuild.model.source import load_vae
     from vaebuild.progress import progress_log
 
     source = model_source(model, random_init, seed, config, allow_pickle)

@@ -60,7 +60,7 @@ DeviceOption = Annotated[
 
 def model_source(model, random_init, seed, config, allow_pickle):
     """The `ModelSource` the model options describe."""
-    from vaebuild.model_source import ModelSource
+    from vaebuild.model.source import ModelSource
 
     config = str(config) if config else None
     return ModelSource(model=model, random_init=random_init, seed=seed, config=config, allow_pickle=allow_pickle)
@@ -68,6 +68,6 @@ def model_source(model, random_init, seed, config, allow_pickle):
 
 def export_options(precision, opset, fold, device):
     """The `ExportOptions` the export options describe."""
-    from vaebuild.export import ExportOptions
+    from vaebuild.export.onnx import ExportOptions
 
     return ExportOptions(precision=precision or "fp16", opset=opset, fold=fold, device=device)

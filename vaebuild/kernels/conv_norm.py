@@ -3,9 +3,9 @@
 `vaebuild::conv3x3_rms_silu` is `conv1 -> norm2 -> SiLU` (the normalised tensor is written once instead of written,
 read back and written again); `vaebuild::conv3x3_add` is `conv2(x) + h` with the zero padding of a downsampler after
 the block. On a Hopper GPU with bf16 or fp16 tensors, a `[96, 96, 3, 3]` weight and Triton >= 3.6 they run the Gluon
-kernel of `vaebuild.conv_gluon`; everywhere else they compute what diffusers computes (`reference`, or conv + residual
+kernel of `vaebuild.kernels.conv3x3_gluon`; everywhere else they compute what diffusers computes (`reference`, or conv + residual
 + pad). Like `vaebuild::attention_d384` they are operators with plain dispatcher kernels (CPU, CUDA) and fake kernels,
-so an AOTInductor package calls them by name at run time (`backends.inductor.load_package` imports this module).
+so an AOTInductor package calls them by name at run time (`backends.inductor.load.load_package` imports this module).
 Their outputs are channels-last on every path (the fake kernels say so to the compiler).
 `FusedNormResidualBlock` is diffusers' `QwenImageResidualBlock` through these ops; `PaddedInputDownsample` the
 downsampler after such a block, given its input already padded.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebuild.attention import gluon_available
+from vaebuild.kernels import gluon_available
 
 CHANNELS = 96  # the only width the kernel takes: its whole weight stays in shared memory (166 KB)
 
@@ -45,7 +45,7 @@ def reference(x, weight, bias, gamma):
 def conv3x3_rms_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """silu(rms_norm(conv2d(x, weight, bias, padding=1)) * gamma) for a `[B, C, H, W]` x, returned channels-last."""
     if kernel_usable(x, weight):
-        from vaebuild.conv_gluon import conv3x3_forward
+        from vaebuild.kernels.conv3x3_gluon import conv3x3_forward
 
         return conv3x3_forward(x, weight, bias, gamma)
     return reference(x, weight, bias, gamma).contiguous(memory_format=torch.channels_last)
@@ -55,7 +55,7 @@ def conv3x3_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resid
     """F.pad(conv2d(x, weight, bias, padding=1) + residual, (0, pad_end, 0, pad_end)), returned channels-last: a residual
     block's `conv2(x) + h` with the zero padding of the downsampler after it."""
     if kernel_usable(x, weight) and residual.dtype == x.dtype and residual.shape == x.shape:
-        from vaebuild.conv_gluon import conv3x3_forward
+        from vaebuild.kernels.conv3x3_gluon import conv3x3_forward
 
         return conv3x3_forward(x, weight, bias, residual=residual, pad_end=pad_end)
     out = F.pad(F.conv2d(x, weight, bias, padding=1) + residual, (0, pad_end, 0, pad_end))
@@ -68,7 +68,7 @@ def _empty_like_output(x, weight, pad_end=0):
 
 
 def _register():
-    """Define the two ops with plain dispatcher kernels (as `vaebuild.attention` does its op)."""
+    """Define the two ops with plain dispatcher kernels (as `vaebuild.kernels.attention` does its op)."""
     library = torch.library.Library("vaebuild", "FRAGMENT")
     library.define("conv3x3_rms_silu(Tensor x, Tensor weight, Tensor bias, Tensor gamma) -> Tensor")
     library.define("conv3x3_add(Tensor x, Tensor weight, Tensor bias, Tensor residual, int pad_end) -> Tensor")

@@ -1,4 +1,4 @@
-"""`VaeRuntime` (alias `TrtVae`): encode and decode through vaebuild's engines, exact PyTorch 2-D model as fallback.
+"""`VaeRuntime`: encode and decode through vaebuild's engines, exact PyTorch 2-D model as fallback.
 
 It serves every folder `vaebuild static` and `vaebuild multiprofile` write, whatever the backend
 (TensorRT / TensorRT-RTX engines, AOTInductor packages): each engine is loaded and run through its
@@ -53,54 +53,14 @@ from pathlib import Path
 
 from vaebuild.backends import get_backend
 from vaebuild.errors import UserInputError, VaebuildError, one_line
-from vaebuild.manifest import MANIFEST_NAME, read_build_manifest
+from vaebuild.manifest import MANIFEST_NAME
+from vaebuild.runtime.folder import SPATIAL, choose_profile, image_size, read_engine_dir
 
 logger = logging.getLogger("vaebuild.runtime")
-
-GRAPHS = ("encoder", "decoder")
-_SPATIAL = slice(3, 5)
 
 
 class EngineUnavailableError(VaebuildError):
     """No engine can serve this call (raised instead of falling back when `allow_fallback=False`)."""
-
-
-@dataclass(frozen=True)
-class EngineProfile:
-    """One optimization profile of an engine: 5-D input shapes, as recorded in the manifest."""
-
-    index: int
-    name: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def contains(self, shape) -> bool:
-        """Whether every dimension of `shape` lies within min..max."""
-        return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
-
-    def distance(self, shape) -> int:
-        """L1 distance between the (height, width) of `shape` and of opt."""
-        return sum(abs(s - o) for s, o in zip(shape[_SPATIAL], self.opt[_SPATIAL]))
-
-    def describe(self) -> str:
-        return f"{self.name} {list(self.min)}..{list(self.max)}"
-
-
-@dataclass(frozen=True)
-class EngineEntry:
-    """One engine file listed in the manifest."""
-
-    rel_path: str
-    path: Path
-    graph: str
-    input_name: str
-    output_name: str
-    backend: str
-    precision: str
-    profiles: tuple[EngineProfile, ...]
-    scale: float  # image side / input side: 1 for the encoder, 8 for the decoder
-    raw: dict  # the manifest entry itself (backends read their own fields from it)
 
 
 @dataclass(frozen=True)
@@ -111,44 +71,6 @@ class Route:
     engine: str | None = None
     profile: int | None = None
     reason: str | None = None
-
-
-def choose_profile(profiles, shape):
-    """The profile for `shape`: among those containing it, nearest opt (H, W) by L1, ties to the lowest index.
-
-    Returns None when no profile contains `shape`.
-    """
-    candidates = [p for p in profiles if p.contains(shape)]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda p: (p.distance(shape), p.index))
-
-
-def read_engine_dir(engine_dir):
-    """(manifest, {graph: [EngineEntry]}) of a vaebuild engine folder; UserInputError without a manifest."""
-    engine_dir = Path(engine_dir)
-    manifest = read_build_manifest(engine_dir)
-    entries = {graph: [] for graph in GRAPHS}
-    for raw in manifest["engines"]:
-        profiles = tuple(
-            EngineProfile(i, p["name"], *(tuple(p["input"][level]) for level in ("min", "opt", "max")))
-            for i, p in enumerate(raw["profiles"])
-        )
-        entries[raw["graph"]].append(
-            EngineEntry(
-                rel_path=raw["path"],
-                path=engine_dir / raw["path"],
-                graph=raw["graph"],
-                input_name=raw["input"],
-                output_name=raw["output"],
-                backend=raw["backend"],
-                precision=raw["precision"],
-                profiles=profiles,
-                scale=raw["profiles"][0]["image"]["opt"][0] / raw["profiles"][0]["input"]["opt"][3],
-                raw=raw,
-            )
-        )
-    return manifest, entries
 
 
 RESIDENCY = ("all", "lazy")
@@ -380,16 +302,16 @@ class VaeRuntime:
             return entry, profile, None
         for entry in entries:
             profile = entry.profiles[0]
-            if profile.opt[_SPATIAL] == shape[_SPATIAL]:
+            if profile.opt[SPATIAL] == shape[SPATIAL]:
                 if not profile.contains(shape):
                     return None, None, (
                         f"static engine {entry.rel_path} takes input {list(profile.opt)}, got {list(shape)}"
                     )
                 return entry, profile, None
         scale = entries[0].scale
-        built = ", ".join(f"{e.profiles[0].name} {_image_size(e.profiles[0].opt, scale)}" for e in entries)
+        built = ", ".join(f"{e.profiles[0].name} {image_size(e.profiles[0].opt, scale)}" for e in entries)
         return None, None, (
-            f"no static engine in {self.engine_dir} for image size {_image_size(shape, scale)} "
+            f"no static engine in {self.engine_dir} for image size {image_size(shape, scale)} "
             f"(HxW; {graph} input {list(shape)}; built: {built})"
         )
 
@@ -496,7 +418,7 @@ class VaeRuntime:
     def _infer(self, runner, entry, x):
         import torch
 
-        from vaebuild.precision import get_precision
+        from vaebuild.model.precision import get_precision
 
         feed = x.to(device=self.device, dtype=get_precision(entry.precision).dtype).contiguous()
         if feed.is_cuda and not get_backend(entry.backend).runs_on_caller_stream:
@@ -522,7 +444,7 @@ class VaeRuntime:
 
     def _fallback_graph(self, graph):
         if self._fallback_graphs is None:
-            from vaebuild.graphs import build_graphs
+            from vaebuild.model.graphs import build_graphs
 
             vae = self._fallback_vae if self._fallback_vae is not None else self._load_manifest_model()
             encoder, decoder = build_graphs(vae, fold=True, fast_attention=True, fused_norms=True)
@@ -534,7 +456,7 @@ class VaeRuntime:
         return self._fallback_graphs[graph]
 
     def _load_manifest_model(self):
-        from vaebuild.model_source import ModelSource, load_vae, weights_sha256
+        from vaebuild.model.source import ModelSource, load_vae, weights_sha256
 
         described = self.manifest.get("model") or {}
         source = ModelSource.from_description(described)
@@ -553,22 +475,9 @@ class VaeRuntime:
         return vae
 
 
-TrtVae = VaeRuntime  # the name before other backends existed
-
 
 def _is_out_of_memory(err):
     text = str(err).lower()
     return "out of memory" in text or "outofmemory" in type(err).__name__.lower()
 
 
-def _image_size(shape, scale):
-    return f"{round(shape[3] * scale)}x{round(shape[4] * scale)}"
-
-
-def __getattr__(name):
-    """`vaebuild.runtime.EngineVae`, the diffusers drop-in, imported on first use (it imports diffusers)."""
-    if name == "EngineVae":
-        from vaebuild.diffusers_vae import EngineVae
-
-        return EngineVae
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ Rows, for the encoder and the decoder separately at each size:
                 fallback); otherwise the row says "not run: <reason>"
 
 Engine costs users plan around: per engine row `load_ms` and `gpu_mb_held` measured in a fresh
-process (`vaebuild.load_probe`, one subprocess per static pair, encoder first: the first weight-free
+process (`vaebuild.bench.load_probe`, one subprocess per static pair, encoder first: the first weight-free
 package of a folder also reads the shared weights), `first_call_ms` (the first call after the load,
 in this process); per folder `resident_mb` (every engine loaded at once, weights included, in a fresh
 process) and `disk_mb` (engine files plus the weights file).
@@ -67,7 +67,7 @@ class BenchOptions:
     engines: tuple = ()  # engine folders (a single path is accepted too)
     flops: bool = True
     seed: int = 0
-    fresh_process_loads: bool = True  # measure engine loads in subprocesses (see vaebuild.load_probe)
+    fresh_process_loads: bool = True  # measure engine loads in subprocesses (see vaebuild.bench.load_probe)
     cuda_graphs: bool = False  # also time each folder's packages replayed from CUDA graphs (more engine rows)
 
     def __post_init__(self):
@@ -83,7 +83,7 @@ class BenchOptions:
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserInputError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.precision is not None:
-            from vaebuild.precision import get_precision
+            from vaebuild.model.precision import get_precision
 
             get_precision(self.precision)
 
@@ -103,7 +103,7 @@ class BenchOptions:
 
 def default_sizes():
     """The five T2I static sizes and the nine I2I multi-profile opt sizes of the shipped specs, in file order."""
-    from vaebuild.specs import RoundingWarning, default_spec_path, load_spec
+    from vaebuild.builder.specs import RoundingWarning, default_spec_path, load_spec
 
     sizes, seen = [], set()
     for kind in ("static", "multiprofile"):
@@ -177,7 +177,7 @@ def count_flops(vae_config, sizes, batch):
     from diffusers import AutoencoderKLQwenImage
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vaebuild.graphs import build_graphs
+    from vaebuild.model.graphs import build_graphs
 
     with torch.device("meta"):
         meta_vae = AutoencoderKLQwenImage.from_config(vae_config).eval()
@@ -263,9 +263,9 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
     """
     import torch
 
-    from vaebuild.graphs import build_graphs
-    from vaebuild.inputs import sample_images, sample_latents
-    from vaebuild.precision import get_precision
+    from vaebuild.model.graphs import build_graphs
+    from vaebuild.model.inputs import sample_images, sample_latents
+    from vaebuild.model.precision import get_precision
 
     device, precision, warmup, runs = options.resolve()
     dtype = get_precision(precision).dtype
@@ -276,7 +276,7 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         if size.height % scale or size.width % scale:
             raise UserInputError(f"size {size.label} is not a multiple of {scale}, the VAE's downsampling factor")
 
-    from vaebuild.model_source import weights_sha256
+    from vaebuild.model.source import weights_sha256
 
     model_sha256 = weights_sha256(vae) if options.engines else None
     opened = [
@@ -433,7 +433,7 @@ def measure_fresh_loads(runtime, device, info, log=print):
     def run_probe(engines):
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "probe.json"
-            command = [sys.executable, "-m", "vaebuild.load_probe", str(runtime.engine_dir), str(result),
+            command = [sys.executable, "-m", "vaebuild.bench.load_probe", str(runtime.engine_dir), str(result),
                        "--device", str(device)]
             if engines:
                 command += ["--engines", ",".join(engines)]

@@ -1,4 +1,4 @@
-"""`vaebuild static` and `vaebuild multiprofile`: engines from an export and a profile spec.
+"""Engines from a build source and a profile spec: the plan, the build loop and the manifest entries.
 
 Static: one engine pair per spec entry, `OUT/<name>/vae_{encoder,decoder}.trt`.
 Multi-profile: `OUT/vae_{encoder,decoder}_multi_profile.trt`, profile index = spec order.
@@ -22,8 +22,7 @@ from vaebuild.contracts import runtime_contract
 from vaebuild.errors import UserInputError, one_line
 from vaebuild.export import RECORD_NAME
 from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, update_manifest
-
-GRAPHS = ("encoder", "decoder")
+from vaebuild.model import GRAPHS
 
 
 def read_export_record(onnx_dir):
@@ -60,9 +59,9 @@ class BuildSource:
     @classmethod
     def from_vae(cls, vae, described, precision):
         """A loaded VAE (`described`: its `ModelSource.describe()`), compiled at `precision`."""
-        from vaebuild.graphs import describe_graphs
-        from vaebuild.model_source import weights_sha256
-        from vaebuild.precision import get_precision
+        from vaebuild.model.graphs import describe_graphs
+        from vaebuild.model.source import weights_sha256
+        from vaebuild.model.precision import get_precision
 
         get_precision(precision)
         record = {
@@ -87,8 +86,8 @@ class BuildSource:
 
     def write_weights(self, out_dir):
         """Write the 2-D graphs' weights at the build precision to `out_dir` (pytorch builds); return the record."""
-        from vaebuild.graphs import build_graphs
-        from vaebuild.precision import get_precision
+        from vaebuild.model.graphs import build_graphs
+        from vaebuild.model.precision import get_precision
         from vaebuild.weights_file import WEIGHTS_NAME, write_weights_file
 
         if self.vae is None:
@@ -97,47 +96,6 @@ class BuildSource:
         graphs = [module.to(dtype=dtype) for module in build_graphs(self.vae)]
         self.weights_path = Path(out_dir) / WEIGHTS_NAME
         return write_weights_file(self.weights_path, graphs)
-
-    def compile_request(self, graph, engine_path, profiles, options):
-        """Everything a worker process needs to compile `graph` (plain data: it is pickled)."""
-        graph_record = self.record["graphs"][graph]
-        return {
-            "graph": graph,
-            "vae_config": self.record["vae_config"],
-            "weights_path": str(self.weights_path),
-            "precision": self.record["precision"],
-            "device": options.device or "cuda",
-            "engine_path": str(engine_path),
-            "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
-            "input_name": graph_record["input"]["name"],
-            "output_name": graph_record["output"]["name"],
-            "spatial_multiple": graph_record["spatial_multiple"],
-            "embed_weights": options.embed_weights,
-            "fast_kernels": uses_fast_kernels(profiles),
-            "fused_norms": self.uses_fused_norms(graph, profiles),
-        }
-
-    def uses_fused_norms(self, graph, profiles):
-        """Whether a compiled engine of `graph` for these profiles runs `vaebuild::conv3x3_rms_silu`: static shapes
-        (`uses_fast_kernels`) of at least FUSED_NORM_MIN_PIXELS image pixels."""
-        scale = 1 if graph == "encoder" else self.record["graphs"]["encoder"]["spatial_multiple"]
-        return uses_fast_kernels(profiles) and all(
-            r[1][3] * r[1][4] * scale**2 >= FUSED_NORM_MIN_PIXELS for p in profiles for r in p.values()
-        )
-
-
-# Image pixels from which a package runs the fused conv + norm op. Below, the op's host-side cost per call (a Python
-# kernel launch through the package's proxy executor) outweighs the GPU time it saves: on the H100, 512x512 and
-# 848x480 plain calls were 0.1-0.4 ms slower with it (equal when replayed from CUDA graphs), 768x1024 even, larger
-# sizes 0.3-1.0 ms faster (benchmarks/speed_notes.md, step 19).
-FUSED_NORM_MIN_PIXELS = 1024 * 768
-
-
-def uses_fast_kernels(profiles):
-    """Whether a compiled (pytorch-built) engine for these profiles runs the Hopper kernels' ops
-    (`vaebuild::attention_d384`, `vaebuild::conv3x3_rms_silu`): static shapes only (dynamic-shape packages keep
-    inductor's own kernels and SDPA: the ops inside them have not been run on a GPU)."""
-    return all(tuple(r[0]) == tuple(r[2]) for p in profiles for r in p.values())
 
 
 def planned_engines(spec, kind, suffix=".trt"):
@@ -235,8 +193,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
                 backend=options.backend,
                 backend_version=backend_version,
                 target=target,
-                fast_kernels=backend.builds_from == "pytorch" and uses_fast_kernels(requested),
-                fused_norms=backend.builds_from == "pytorch" and source.uses_fused_norms(graph, requested),
+                **backend.kernel_choices(record, graph, requested),
             )
             prefix = f"[{index}/{len(plan)}] {rel_path}"
             old = previous_entries.get(rel_path)
@@ -264,17 +221,16 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
 
 
 def _build_in_workers(source, out_dir, todo, options, log, finished):
-    """Compile packages in `options.jobs` fresh processes (`BuildOptions` allows jobs for inductor only);
-    the manifest is updated here as each one ends."""
-    from vaebuild.backends.inductor import compile_package
-
+    """Build engines in `options.jobs` fresh processes (`BuildOptions` allows jobs for inductor only, whose backend
+    provides `build_request` and `build_from_request`); the manifest is updated here as each one ends."""
+    backend = get_backend(options.backend)
     requests = {
-        prefix: source.compile_request(graph, out_dir / rel_path, requested, options)
+        prefix: backend.build_request(source, graph, out_dir / rel_path, requested, options)
         for prefix, rel_path, graph, profiles, requested, key in todo
     }
     log(f"compiling {len(todo)} package(s) in {min(options.jobs, len(todo))} worker processes ...")
     with ProcessPoolExecutor(max_workers=min(options.jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-        futures = {prefix: pool.submit(compile_package, requests[prefix]) for prefix in requests}
+        futures = {prefix: pool.submit(backend.build_from_request, requests[prefix]) for prefix in requests}
         for prefix, rel_path, graph, profiles, requested, key in todo:
             finished(prefix, rel_path, graph, profiles, futures[prefix].result(), key)
 
@@ -321,8 +277,8 @@ def _options_dict(options):
 
 def export_for_build(source, export_options, out_dir, log=print):
     """Export `source` into `OUT/onnx` (skipped when already current); return that folder."""
-    from vaebuild.export import export_unless_current
-    from vaebuild.model_source import load_vae
+    from vaebuild.export.onnx import export_unless_current
+    from vaebuild.model.source import load_vae
 
     onnx_dir = Path(out_dir) / "onnx"
     described = source.describe()
@@ -333,7 +289,7 @@ def export_for_build(source, export_options, out_dir, log=print):
 
 def model_for_build(source, precision, log=print):
     """Load the VAE of `source` for a backend that compiles the PyTorch model itself (inductor)."""
-    from vaebuild.model_source import load_vae
+    from vaebuild.model.source import load_vae
 
     described = source.describe()
     log(f"loading VAE ({described['kind']}) ...")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vaebuild.single_frame import fold_single_frame
+from vaebuild.model import ONNX_FILES
+from vaebuild.model.single_frame import fold_single_frame
 
 
 class EncoderGraph(nn.Module):
@@ -66,8 +67,8 @@ def describe_graphs(vae):
     image_channels = vae.config.input_channels
     scale = vae.spatial_compression_ratio
     return (
-        GraphDescription("encoder", "vae_encoder.onnx", "images", "latents", image_channels, 2 * z_dim, 1 / scale),
-        GraphDescription("decoder", "vae_decoder.onnx", "latents", "images", z_dim, image_channels, scale),
+        GraphDescription("encoder", ONNX_FILES["encoder"], "images", "latents", image_channels, 2 * z_dim, 1 / scale),
+        GraphDescription("decoder", ONNX_FILES["decoder"], "latents", "images", z_dim, image_channels, scale),
     )
 
 
@@ -87,7 +88,7 @@ def build_graph_modules_from_weights(vae_config, weights_path, precision, device
     """{"encoder", "decoder"}: the 2-D graphs of the architecture `vae_config` holding a weights file's tensors."""
     from diffusers import AutoencoderKLQwenImage
 
-    from vaebuild.precision import get_precision
+    from vaebuild.model.precision import get_precision
     from vaebuild.weights_file import load_into
 
     with torch.device("meta"):

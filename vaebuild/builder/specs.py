@@ -114,8 +114,8 @@ class ProfileSpec:
 
 
 def shipped_specs() -> dict[str, Path]:
-    """The specs shipped in the package (`vaebuild/profiles/*.yaml`): name -> file, sorted by name."""
-    folder = Path(resources.files("vaebuild") / "profiles")  # a real folder: vaebuild is never zip-imported
+    """The specs shipped in the package (`vaebuild/builder/profiles/*.yaml`): name -> file, sorted by name."""
+    folder = Path(resources.files("vaebuild.builder") / "profiles")  # a real folder: vaebuild is never zip-imported
     return {path.name[: -len(SPEC_SUFFIX)]: path for path in sorted(folder.glob(f"*{SPEC_SUFFIX}"))}
 
 

@@ -1,6 +1,6 @@
 """Warp-specialized head-dim-384 attention forward for Hopper in Gluon (FlashAttention-3's ping-pong).
 
-Imported only when the CUDA path of `vaebuild.attention` runs: it needs Triton 3.6 (Gluon).
+Imported only when the CUDA path of `vaebuild.kernels.attention` runs: it needs Triton 3.6 (Gluon).
 
 One program owns 128 query rows of one (batch, head) and a key range. Its two warpgroups are separate
 partitions (`gl.warp_specialize`) of 64 query rows each, with 256 registers per thread (`setmaxnreg`):
@@ -8,11 +8,11 @@ a warpgroup keeps its Q tile in shared memory and three 64x128 fp32 output accum
 Iteration j issues the scores S = Q Kᵀ of key block j + 1 and O += P V of block j (P in registers) as
 asynchronous wgmma, waits, and computes the next online-softmax step. The two warpgroups take turns
 issuing (`PINGPONG`, a pair of mbarriers), so one's softmax runs while the other's products use the
-tensor cores; the Triton kernel of `vaebuild.attention_triton` holds them in lock-step instead. K and V
+tensor cores; the Triton kernel of `vaebuild.kernels.attention_fwd_triton` holds them in lock-step instead. K and V
 stream through separate two-stage TMA rings: a stage is refilled (by the second warpgroup, once both
 released it) two blocks ahead of its use. `lazy_rescale` rescales the accumulators only when a row's
 running max grew by more than 2^8 (exact: numerator and denominator share the stale max). Key splits and
-their combine kernel are the Triton kernel's (`plan_splits`, `combine`).
+their combine kernel are shared with the Triton kernel (`attention_splits`).
 
 Measured on an H100 (benchmarks/attention_kernel_notes.md, run 5): 2.28 ms at 27,556 tokens against
 2.69 ms for the Triton kernel and 9.0 ms for SDPA. Its register budget is the design's limit: with a
@@ -27,7 +27,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from vaebuild.attention_triton import QK_SCALE, RESCALE_THRESHOLD, combine, loadable, plan_splits, set_tma_allocator
+from vaebuild.kernels.attention_splits import QK_SCALE, RESCALE_THRESHOLD, combine, plan_splits
+from vaebuild.kernels.tma import loadable, set_tma_allocator
 
 HEAD_DIM = gl.constexpr(384)
 CHUNK = gl.constexpr(128)  # TMA boxes are at most 256 wide: the head dim is moved in three 128-wide chunks

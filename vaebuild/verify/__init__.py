@@ -3,7 +3,7 @@
 What is compared. The build's `manifest.json` lists each engine with its optimization profiles.
 For every engine, every profile and each of its min, opt and max input shapes (identical shapes
 within a profile are run once, so a static engine gives one shape), one seeded input
-(`vaebuild.inputs.sample_input`: images in [-1, 1], latents at pipeline scale) is rounded to the
+(`vaebuild.model.inputs.sample_input`: images in [-1, 1], latents at pipeline scale) is rounded to the
 engine's precision and fed, through Polygraphy's `Comparator`, to:
 
 - the reference: diffusers `AutoencoderKLQwenImage.encode(x).latent_dist.parameters` /
@@ -216,7 +216,7 @@ class VerifyReport:
         summary.details["kind"] = self.kind
 
     def to_dict(self):
-        from vaebuild.export import package_versions
+        from vaebuild.export.onnx import package_versions
 
         return {
             "report_version": REPORT_VERSION,
@@ -368,9 +368,10 @@ def _onnx_files(onnx_dir, manifest):
     import json
 
     from vaebuild.export import RECORD_NAME
+    from vaebuild.model import ONNX_FILES
 
     record_path = onnx_dir / RECORD_NAME
-    names = {"encoder": "vae_encoder.onnx", "decoder": "vae_decoder.onnx"}
+    names = dict(ONNX_FILES)
     if record_path.is_file():
         names.update({g: r["file"] for g, r in json.loads(record_path.read_text()).get("graphs", {}).items()})
     files = {}
@@ -456,7 +457,7 @@ def _without_repeated_onnx_rows(plans):
 
 def _model_source(manifest, options, folder):
     from vaebuild.manifest import MANIFEST_NAME
-    from vaebuild.model_source import ModelSource
+    from vaebuild.model.source import ModelSource
 
     if options.model:
         return ModelSource(model=options.model, allow_pickle=options.allow_pickle)
@@ -471,7 +472,7 @@ def _model_source(manifest, options, folder):
 
 
 def _load_reference(source, expected_hash):
-    from vaebuild.model_source import load_vae, weights_sha256
+    from vaebuild.model.source import load_vae, weights_sha256
 
     vae = load_vae(source)
     actual = weights_sha256(vae)
@@ -562,7 +563,7 @@ def _seeded_feed(graph, shape, vae_config, precision, seed):
     """The seeded float32 input, rounded to the engine's precision so every runner sees the same values."""
     import torch
 
-    from vaebuild.inputs import sample_input
+    from vaebuild.model.inputs import sample_input
 
     feed = sample_input(graph, shape, vae_config, seed=seed)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -609,7 +610,7 @@ def _feed_dtype(runner, precision):
     (a bf16 graph runs as its float32 twin)."""
     import torch
 
-    from vaebuild.precision import get_precision
+    from vaebuild.model.precision import get_precision
 
     if runner == "onnxrt" and precision == "bf16":
         return torch.float32
@@ -629,7 +630,7 @@ def _onnxrt_runner(path, precision):
     import onnxruntime
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    from vaebuild.onnx_check import fp32_twin
+    from vaebuild.export.check import fp32_twin
 
     model = str(path)
     first_input = onnx.load(str(path), load_external_data=False).graph.input[0]

@@ -24,6 +24,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from vaebuild.errors import UserInputError
+from vaebuild.model import GRAPHS
 
 logger = logging.getLogger("vaebuild.diffusers")
 
@@ -41,7 +42,7 @@ class EngineVae(ModelMixin, ConfigMixin):
         self.temperal_downsample = list(self.config.temperal_downsample)
         self.use_slicing = False
         self._dtype = runtime.dtype
-        self._max_batch = {graph: _max_batch(runtime.manifest, graph) for graph in ("encoder", "decoder")}
+        self._max_batch = {graph: _max_batch(runtime.manifest, graph) for graph in GRAPHS}
         self._logged_routes = set()
 
     @classmethod
@@ -54,7 +55,7 @@ class EngineVae(ModelMixin, ConfigMixin):
         runtime_kwargs: passed on to `VaeRuntime` (e.g. `allow_fallback=False`, `resident="lazy"`).
         """
         from vaebuild.manifest import read_build_manifest
-        from vaebuild.runtime import VaeRuntime
+        from vaebuild.runtime.engines import VaeRuntime
 
         manifest = read_build_manifest(folder)
         if fallback is not None:

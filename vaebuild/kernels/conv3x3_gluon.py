@@ -1,6 +1,6 @@
 """A 3x3 convolution with the RMS norm and SiLU after it fused, for Hopper in Gluon (TMA + wgmma).
 
-Imported only when the CUDA path of `vaebuild.conv_norm` runs: it needs Triton 3.6 (Gluon).
+Imported only when the CUDA path of `vaebuild.kernels.conv_norm` runs: it needs Triton 3.6 (Gluon).
 
 Implicit GEMM over one channels-last (NHWC) image, 96 input and 96 output channels. A program is persistent and
 warp-specialized: two consumer warpgroups take alternate output tiles of TH x TW = 128 pixels (so one's epilogue
@@ -26,7 +26,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from vaebuild.attention_triton import set_tma_allocator
+from vaebuild.kernels.tma import set_tma_allocator
 
 
 @dataclass(frozen=True)

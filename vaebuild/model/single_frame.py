@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebuild.attention import FastAttentionBlock
-from vaebuild.conv_norm import CHANNELS as FUSED_NORM_CHANNELS
-from vaebuild.conv_norm import FusedNormResidualBlock, PaddedInputDownsample
+from vaebuild.kernels.attention import FastAttentionBlock
+from vaebuild.kernels.conv_norm import CHANNELS as FUSED_NORM_CHANNELS
+from vaebuild.kernels.conv_norm import FusedNormResidualBlock, PaddedInputDownsample
 
 
 class SingleFrameConv(nn.Module):

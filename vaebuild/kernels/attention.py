@@ -1,12 +1,12 @@
 """Exact single-head attention for the VAE mid-block as the custom op `vaebuild::attention_d384`.
 
 On a Hopper GPU (compute capability 9.x) with bf16 or fp16 q, k, v of head dim 384 the op runs the
-warp-specialized Gluon kernel of `vaebuild.attention_gluon` (the Triton kernel of `vaebuild.attention_triton`
+warp-specialized Gluon kernel of `vaebuild.kernels.attention_fwd_gluon` (the Triton kernel of `vaebuild.kernels.attention_fwd_triton`
 with a Triton older than 3.6); everywhere else (CPU, fp32, other head dims, no Triton) it is
 `F.scaled_dot_product_attention`. It is an operator with plain dispatcher kernels (CPU and CUDA) and a fake
 kernel: `torch.export` keeps it as one node and an AOTInductor package calls it by name at run time (through
 torch's proxy executor, as Gluon kernels cannot be compiled into a package), so a process that runs such a
-package imports this module first (`backends.inductor.load_package` does). Triton compiles the kernel on its
+package imports this module first (`backends.inductor.load.load_package` does). Triton compiles the kernel on its
 first call in a process and keeps it in its disk cache (that first call: 0.9-1.2 s with the cache warm, ~6 s
 cold, on the H100 host).
 `FastAttentionBlock` is diffusers' `QwenImageAttentionBlock` with this op in place of SDPA.
@@ -18,6 +18,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vaebuild.kernels import gluon_available
 
 HEAD_DIM = 384
 
@@ -37,23 +39,13 @@ def kernel_usable(q, k, v):
 
 
 @functools.cache
-def gluon_available():
-    """Whether Triton is installed with the Gluon API vaebuild's Gluon kernels are written in (3.6 and later)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import triton
-
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
-
-
-@functools.cache
 def _kernel():
-    """The kernel for Hopper: the warp-specialized Gluon kernel (`attention_gluon`, Triton >= 3.6), else the
-    Triton kernel (`attention_triton`, older Triton without the Gluon API it uses)."""
+    """The kernel for Hopper: the warp-specialized Gluon kernel (`attention_fwd_gluon`, Triton >= 3.6), else the
+    Triton kernel (`attention_fwd_triton`, older Triton without the Gluon API it uses)."""
     if gluon_available():
-        from vaebuild.attention_gluon import attention_forward
+        from vaebuild.kernels.attention_fwd_gluon import attention_forward
     else:
-        from vaebuild.attention_triton import attention_forward
+        from vaebuild.kernels.attention_fwd_triton import attention_forward
     return attention_forward
 
 

@@ -1,4 +1,4 @@
-"""Load costs as a fresh process pays them: `python -m vaebuild.load_probe FOLDER OUT.json --device D [--engines a,b]`.
+"""Load costs as a fresh process pays them: `python -m vaebuild.bench.load_probe FOLDER OUT.json --device D [--engines a,b]`.
 
 Writes one JSON object to OUT.json. Per engine, in load order: `load_ms` (the runtime's load, `import torch` and
 CUDA initialisation excluded; the first weight-free package of a folder also reads its shared

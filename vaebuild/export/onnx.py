@@ -20,14 +20,14 @@ from torch.export import Dim
 
 import vaebuild
 from vaebuild.errors import UserInputError
+from vaebuild.export import RECORD_NAME
+from vaebuild.export.check import check_model_file, compare_with_torch, raise_on_failures
 from vaebuild.fileio import atomic_directory, check_output_folder, sha256_file, write_json
-from vaebuild.graphs import build_graphs, describe_graphs
-from vaebuild.inputs import sample_input
-from vaebuild.model_source import weights_sha256
-from vaebuild.onnx_check import check_model_file, compare_with_torch, raise_on_failures
-from vaebuild.precision import get_precision
+from vaebuild.model.graphs import build_graphs, describe_graphs
+from vaebuild.model.inputs import sample_input
+from vaebuild.model.precision import get_precision
+from vaebuild.model.source import weights_sha256
 
-RECORD_NAME = "export_record.json"
 MAX_SIDE = 8192  # upper bound of the dynamic image dims declared in the graph
 
 
