@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vaebuild.bench import _device_info, _versions, summarize, time_calls  # noqa: E402
+from vaebuild.bench import summarize, time_calls  # noqa: E402
+from vaebuild.env import device_info, package_versions  # noqa: E402
 from vaebuild.fileio import write_json  # noqa: E402
 from vaebuild.model.source import ModelSource, load_vae  # noqa: E402
 from vaebuild.runtime import EngineVae  # noqa: E402
@@ -132,8 +133,8 @@ def main():
         "engine_backends": sorted({e["backend"] for e in engine_vae.runtime.manifest["engines"]}),
         "warmup": args.warmup,
         "runs": args.runs,
-        "device": _device_info(device),
-        "versions": _versions(),
+        "device": device_info(device),
+        "versions": package_versions(),
         "model": {"kind": "random-init", "seed": args.seed},
         "rows": [stock_row, engine_row],
         "same_decoder_input": torch.equal(latents, engine_latents),

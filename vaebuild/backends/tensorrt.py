@@ -27,7 +27,7 @@ from vaebuild.backends.base import (
     reject_options,
 )
 from vaebuild.backends.trt_import import PolygraphyTrt, import_polygraphy_trt
-from vaebuild.errors import BackendMissingError, UserInputError, VaebuildError
+from vaebuild.errors import BackendMissingError, UserInputError, VaebuildError, one_line
 from vaebuild.fileio import atomic_output, sha256_file
 
 _GIB = 1 << 30
@@ -109,7 +109,7 @@ def build_engine(
     try:
         builder, network, parser = pg.loaders.network_from_onnx_path(str(onnx_path), strongly_typed=True)
     except PolygraphyException as exc:
-        raise UserInputError(f"cannot parse ONNX file {onnx_path}: {_first_line(exc)}") from exc
+        raise UserInputError(f"cannot parse ONNX file {onnx_path}: {one_line(exc)}") from exc
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     input_dims = {tensor.name: tuple(tensor.shape) for tensor in inputs}
     output_names = tuple(network.get_output(i).name for i in range(network.num_outputs))
@@ -129,7 +129,7 @@ def build_engine(
         )
         build_seconds = time.perf_counter() - start
     except PolygraphyException as exc:
-        raise VaebuildError(f"engine build from {onnx_path} failed: {_first_line(exc)}") from exc
+        raise VaebuildError(f"engine build from {onnx_path} failed: {one_line(exc)}") from exc
     built_profiles = tuple(_read_back_profile(builder, network, profile) for profile in polygraphy_profiles)
 
     with atomic_output(engine_path) as tmp:
@@ -227,10 +227,6 @@ def _read_back_profile(builder, network, polygraphy_profile) -> dict[str, ShapeR
 
 def _optional_str(path) -> str | None:
     return None if path is None else str(path)
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def runtime_unavailable_reason(backend):

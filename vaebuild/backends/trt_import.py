@@ -17,7 +17,7 @@ from types import ModuleType
 
 from vaebuild.errors import BackendMissingError, UserInputError
 
-BACKENDS = ("tensorrt", "tensorrt_rtx")
+TRT_BACKENDS = ("tensorrt", "tensorrt_rtx")  # the backends of `vaebuild.backends` that Polygraphy serves
 
 _BACKEND_LABELS = {"tensorrt": "full TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 _INSTALL_COMMANDS = {
@@ -37,10 +37,10 @@ class PolygraphyTrt:
     create_config: type  # CreateConfig (full TensorRT) or CreateConfigRTX (TensorRT-RTX)
 
 
-def check_backend_name(backend: str) -> None:
-    """Raise UserInputError unless `backend` is one of BACKENDS."""
-    if backend not in BACKENDS:
-        raise UserInputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+def check_trt_backend(backend: str) -> None:
+    """Raise UserInputError unless `backend` is one of TRT_BACKENDS."""
+    if backend not in TRT_BACKENDS:
+        raise UserInputError(f"{backend!r} is not a TensorRT backend; choose one of: {', '.join(TRT_BACKENDS)}")
 
 
 def import_polygraphy_trt(backend: str) -> PolygraphyTrt:
@@ -61,7 +61,7 @@ def import_polygraphy_trt(backend: str) -> PolygraphyTrt:
 
 def select_polygraphy_backend(backend: str) -> None:
     """Make Polygraphy use `backend`; raise if this process already bound Polygraphy to the other one."""
-    check_backend_name(backend)
+    check_trt_backend(backend)
     use_rtx = backend == "tensorrt_rtx"
     if "polygraphy.mod.trt_importer" in sys.modules:
         bound_to_rtx = sys.modules["polygraphy.config"].USE_TENSORRT_RTX
@@ -80,7 +80,7 @@ def select_polygraphy_backend(backend: str) -> None:
 
 def _import_backend_module(backend: str) -> ModuleType:
     """Import the backend's TensorRT module without importing Polygraphy, or raise BackendMissingError."""
-    check_backend_name(backend)
+    check_trt_backend(backend)
     if importlib.util.find_spec("polygraphy") is None:
         raise BackendMissingError("Polygraphy is not installed: pip install polygraphy")
     try:

@@ -22,7 +22,6 @@ once per size on the meta device (`torch.utils.flop_counter`), so they cost no d
 
 import copy
 import math
-import platform
 import statistics
 import time
 import warnings
@@ -31,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import vaebuild
+from vaebuild.env import device_info, device_name, package_versions
 from vaebuild.errors import UserInputError, VaebuildError
 
 GPU_WARMUP, GPU_RUNS = 3, 10
@@ -289,7 +289,7 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         if runtime is not None and options.fresh_process_loads and not info["cuda_graphs"]:
             log(f"measuring engine loads of {info['dir']} in fresh processes ...")
             loads.update(measure_fresh_loads(runtime, device, info, log))
-    log(f"preparing models on {_device_name(device)} in {precision} ...")
+    log(f"preparing models on {device_name(device)} in {precision} ...")
     encoder2d, decoder2d = (m.to(device=device, dtype=dtype) for m in build_graphs(vae, fast_attention=True, fused_norms=True))
     # nn.Module.to: diffusers' own `to` warns about float32-kept modules even when there are none (this VAE).
     vae3d = torch.nn.Module.to(copy.deepcopy(vae), device=device, dtype=dtype).eval()
@@ -335,8 +335,8 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         "vaebuild_version": vaebuild.__version__,
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "device": _device_info(device),
-        "versions": _versions(),
+        "device": device_info(device),
+        "versions": package_versions(),
         "precision": precision,
         "batch": options.batch,
         "warmup": warmup,
@@ -477,44 +477,6 @@ def _finish(row, baseline, rows, total, log):
 
 def _round(value, digits):
     return None if value is None else round(value, digits)
-
-
-def _device_name(device):
-    import torch
-
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _device_info(device):
-    import torch
-
-    info = {"type": device.type, "name": _device_name(device)}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            capability=f"{props.major}.{props.minor}",
-            memory_gib=round(props.total_memory / 2**30, 1),
-            multiprocessors=props.multi_processor_count,
-        )
-    else:
-        info["threads"] = torch.get_num_threads()
-    return info
-
-
-def _versions():
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    versions = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
-    for name in ("torch", "diffusers", "polygraphy", "tensorrt", "tensorrt_rtx_cu13_bindings"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 # ---------------------------------------------------------------------------- output

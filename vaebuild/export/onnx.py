@@ -19,6 +19,7 @@ import torch
 from torch.export import Dim
 
 import vaebuild
+from vaebuild.env import package_versions
 from vaebuild.errors import UserInputError
 from vaebuild.export import RECORD_NAME
 from vaebuild.export.check import check_model_file, compare_with_torch, raise_on_failures
@@ -203,15 +204,3 @@ def _rename_forward_argument(module, name):
     if argument != name:
         raise AssertionError(f"{type(module).__name__}.forward takes '{argument}', expected '{name}'")
 
-
-def package_versions():
-    """Versions of the packages that shape an export or a build."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("torch", "diffusers", "onnx", "onnxscript", "onnxruntime", "polygraphy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions

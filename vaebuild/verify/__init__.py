@@ -216,7 +216,7 @@ class VerifyReport:
         summary.details["kind"] = self.kind
 
     def to_dict(self):
-        from vaebuild.export.onnx import package_versions
+        from vaebuild.env import package_versions
 
         return {
             "report_version": REPORT_VERSION,
