@@ -191,9 +191,9 @@ def test_max_side_skips_larger_shapes_with_the_reason(builds):
 
 
 def test_cpu_default_max_side_is_explained(builds, monkeypatch):
-    import vaebuild.verify as verify_module
+    import vaebuild.verify.plan as plan_module
 
-    monkeypatch.setattr(verify_module, "CPU_MAX_SIDE", 64)
+    monkeypatch.setattr(plan_module, "CPU_MAX_SIDE", 64)
     report = verify_build(builds["multiprofile"], CPU_ONLY, log=quiet)
     assert report.max_side == 64
     reasons = {r.reason for r in rows_of(report, status=SKIPPED)}
@@ -300,7 +300,7 @@ def test_missing_onnx_folder_is_not_run(static_copy, tmp_path):
 def test_trt_rows_run_through_the_comparator(static_copy, monkeypatch):
     """TensorRT cannot run here: an ONNX Runtime runner named "trt" stands in to drive the same code path."""
     import vaebuild.backends.tensorrt as tensorrt_backend
-    import vaebuild.verify as verify_module
+    import vaebuild.verify.compare as compare_module
 
     requested = []
 
@@ -308,7 +308,7 @@ def test_trt_rows_run_through_the_comparator(static_copy, monkeypatch):
         requested.append((Path(engine_path).relative_to(static_copy).as_posix(), backend, profile_index))
         graph = "encoder" if "encoder" in Path(engine_path).name else "decoder"
         manifest = json.loads((static_copy / "manifest.json").read_text())
-        runner = verify_module._onnxrt_runner(Path(manifest["onnx_dir"]) / f"vae_{graph}.onnx", "fp16")
+        runner = compare_module._onnxrt_runner(Path(manifest["onnx_dir"]) / f"vae_{graph}.onnx", "fp16")
         runner.name = name
         return runner
 
@@ -414,7 +414,7 @@ def test_tolerances():
 
 
 def test_psnr_of_images_in_255_levels():
-    from vaebuild.verify import _psnr_255
+    from vaebuild.verify.compare import _psnr_255
 
     ref = np.zeros((1, 3, 1, 8, 8), np.float32)
     assert _psnr_255(ref, ref) == float("inf")
