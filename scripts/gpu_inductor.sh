@@ -10,7 +10,7 @@
 #      (the same with --embed-weights: the twins), WORK/multi (one dynamic package per graph for the
 #      nine I2I profiles);
 #   2. `vaebuild verify` of WORK/static against fp32 diffusers (OUT/verify_static.json), the fine-tune
-#      weights check (benchmarks/weights_swap_check.py) and diffusers' QwenImagePipeline decode step with
+#      weights check (benchmarks/checks/weights_swap_check.py) and diffusers' QwenImagePipeline decode step with
 #      the stock VAE and EngineVae (OUT/diffusers_pipeline_bench.{json,md});
 #   3. one `vaebuild bench` run with the three folders (OUT/inductor_bench.{json,md});
 #   4. `vaebuild verify` of the other folders (env VERIFY_MORE, default "multi").
@@ -49,9 +49,9 @@ cat "$work"/build_*.log >>"$log"
 stage "verify static"
 vaebuild verify "$work/static" --report "$out/verify_static.json" 2>&1 | tail -n 40 | tee -a "$log"
 stage "fine-tune weights check"
-python3 "$repo/benchmarks/weights_swap_check.py" "$work/static" 2>&1 | tail -n 3 | tee -a "$log"
+python3 "$repo/benchmarks/checks/weights_swap_check.py" "$work/static" 2>&1 | tail -n 3 | tee -a "$log"
 stage "diffusers pipeline decode step"
-python3 "$repo/scripts/diffusers_pipeline_bench.py" --engines "$work/static" --out "$out" 2>&1 | tail -n 20 | tee -a "$log"
+python3 "$repo/benchmarks/packages/diffusers_pipeline_bench.py" --engines "$work/static" --out "$out" 2>&1 | tail -n 20 | tee -a "$log"
 
 stage "bench"
 vaebuild bench "${model[@]}" ${SIZES:+--sizes "$SIZES"} --engines "$work/static" --engines "$work/embedded" \
