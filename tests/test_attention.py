@@ -1,6 +1,6 @@
 """The `vaebuild::attention_d384` op on CPU: its SDPA fallback, torch.export, and the folded VAE using it.
 
-The kernels themselves need a Hopper GPU: benchmarks/attention_kernel.py and benchmarks/attention_ws_kernel.py check them there.
+The kernels themselves need a Hopper GPU: benchmarks/kernels/attention_kernel.py and benchmarks/kernels/attention_ws_kernel.py check them there.
 """
 
 import pytest

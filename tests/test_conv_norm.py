@@ -1,7 +1,7 @@
 """The `vaebuild::conv3x3_rms_silu` op on CPU: its fallback equals diffusers' residual block, torch.export and
 AOTInductor keep it, and the folded VAE using it equals diffusers' encode/decode.
 
-The Gluon kernel itself needs a Hopper GPU: benchmarks/conv_gluon_kernel.py checks it there.
+The Gluon kernel itself needs a Hopper GPU: benchmarks/kernels/conv_gluon_kernel.py checks it there.
 """
 
 import zipfile

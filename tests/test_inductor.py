@@ -343,7 +343,7 @@ def test_cuda_graphs_need_packages_on_a_cuda_device(static_dir):
 
 def test_graphed_call_captures_once_per_shape_and_copies_each_input_in(monkeypatch):
     """The replay bookkeeping, with a stand-in for the CUDA capture (no GPU here; the GPU check is
-    scripts/cuda_graph_check.py): a replay recomputes the static output from the static input."""
+    benchmarks/checks/cuda_graph_check.py): a replay recomputes the static output from the static input."""
     from vaebuild.backends.inductor.cuda_graph import GraphedCall
 
     class FakeGraph:

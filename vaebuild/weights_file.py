@@ -98,7 +98,7 @@ def read_to_device(path, device, check=None, channels_last=False):
     file mapped into memory (a `read()` of the 89 MB file cost 50-90 ms on the H100 host; a device
     staging buffer would stay in torch's allocator cache). The mapping is not populated up front: on a
     freshly written file `MAP_POPULATE` took 32-38 ms there, one copy of the unpopulated mapping 13-17 ms;
-    on a file written minutes before, both loads took 19-27 ms (benchmarks/results/h100_weights_load_populate.log).
+    on a file written minutes before, both loads took 19-27 ms (benchmarks/results/h100/h100_weights_load_populate.log).
     The copies (and the hash threads) fault the pages in as they read them. `check(data, pool)`, if given,
     runs on the file's bytes in a thread pool meanwhile, and raises to refuse the file.
     """

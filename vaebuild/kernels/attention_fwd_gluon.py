@@ -14,7 +14,7 @@ released it) two blocks ahead of its use. `lazy_rescale` rescales the accumulato
 running max grew by more than 2^8 (exact: numerator and denominator share the stale max). Key splits and
 their combine kernel are shared with the Triton kernel (`attention_splits`).
 
-Measured on an H100 (benchmarks/attention_kernel_notes.md, run 5): 2.28 ms at 27,556 tokens against
+Measured on an H100 (docs/design/attention_kernel_notes.md, run 5): 2.28 ms at 27,556 tokens against
 2.69 ms for the Triton kernel and 9.0 ms for SDPA. Its register budget is the design's limit: with a
 separate producer warp the consumers get 240 registers, and ptxas serializes every wgmma (C7512).
 """

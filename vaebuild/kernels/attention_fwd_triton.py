@@ -11,7 +11,7 @@ row's running max grew by more than 2^8 (exact: numerator and denominator use th
 `splits` > 1 splits the key range of each query block over several programs (flash-decoding) that write
 fp32 partial outputs and log-sum-exps, merged by `_combine`; it evens out the last wave of programs.
 `tma` loads tiles through tensor descriptors instead of pointers. The default config is the fastest
-measured on an H100 (benchmarks/attention_kernel_notes.md): pointer loads, lazy rescale, key split chosen
+measured on an H100 (docs/design/attention_kernel_notes.md): pointer loads, lazy rescale, key split chosen
 by `choose_splits`: 2.68 ms at 27,556 tokens against 8.8 ms for SDPA.
 """
 

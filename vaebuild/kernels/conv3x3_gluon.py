@@ -13,7 +13,7 @@ NORM, normalises each pixel over its channels (diffusers' `QwenImageRMS_norm`: x
 * gamma) and applies SiLU in fp32 registers, or adds a residual, then stores the tile (pixels outside the image
 masked; the output may have zero rows and columns after the image, as the downsamplers pad it).
 
-Measured on an H100 at 1328x1328 (benchmarks/results/conv_gluon_kernel_h100.md): 0.74 ms with the norm and SiLU
+Measured on an H100 at 1328x1328 (benchmarks/results/h100/conv_gluon_kernel_h100.md): 0.74 ms with the norm and SiLU
 against 0.89 ms for cuDNN's convolution plus inductor's norm kernel; the convolution alone runs at ~420 TFLOP/s
 against cuDNN's ~475 in the same run, so the gain is the norm's memory pass.
 """

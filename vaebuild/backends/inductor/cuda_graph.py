@@ -1,7 +1,7 @@
 """Replaying a runner's calls from CUDA graphs: one capture per input shape, with static input and output.
 
 A package's call launches about 100-120 kernels; replaying them from a graph removes the launch gaps between
-them (on an H100 0.1-0.5 ms per call where it shows, most at the small sizes: benchmarks/speed_notes.md, steps
+them (on an H100 0.1-0.5 ms per call where it shows, most at the small sizes: docs/design/speed_notes.md, steps
 12-13). The price: each captured shape keeps its intermediate tensors in the graph's private memory pool for as
 long as the graph lives.
 """
