@@ -487,7 +487,7 @@ def test_fallback_model_loads_lazily_from_the_manifest_source(tmp_path, tiny_vae
         tmp_path, tiny_vae, "multiprofile", model={"kind": "vae-folder", "model": str(tiny_vae_dir)}
     )
     vae = TrtVae(engine_dir, True, device="cpu", unavailable_reason=lambda backend: "no engines in this test")
-    assert vae._fallback_graphs is None  # nothing loaded before it is needed
+    assert not vae._fallback_model.loaded  # nothing loaded before it is needed
     z = latents(tiny_vae, 32, 32)
     with caplog.at_level(logging.WARNING, logger=RUNTIME_LOGGER):
         out = vae.decode(z)
@@ -556,3 +556,17 @@ def test_from_config_takes_the_readme_lightx2v_blocks_unchanged(static_dir, mult
         block["trt_vae_config"]["trt_engine_path"] = str(folder)
         vae = TrtVae.from_config(block)
         assert vae.engine_dir == folder and vae.multi_profile == block["trt_vae_config"]["multi_profile"]
+
+
+def test_images_in_and_out_as_uint8(multi_dir, tiny_vae):
+    """decode_images / encode_images: the runtime's decode and encode with diffusers' pixel arithmetic around them."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = TrtVae(multi_dir, True, tiny_vae, device="cpu", unavailable_reason=lambda backend: "no engines in this test")
+    z = latents(tiny_vae, 32, 48)
+    pixels = vae.decode_images(z)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 32, 48, 3)
+    stock = VaeImageProcessor(vae_scale_factor=16).postprocess(vae.decode(z)[:, :, 0], output_type="pil")
+    assert pixels[0].numpy().tobytes() == stock[0].tobytes()
+    expected = VaeImageProcessor(vae_scale_factor=16).preprocess(stock[0]).unsqueeze(2)
+    torch.testing.assert_close(vae.encode_images(pixels), vae.encode(expected), rtol=0, atol=0)

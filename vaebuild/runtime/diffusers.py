@@ -10,8 +10,8 @@ and `decode(latents)` (images clamped to [-1, 1], `.sample` or a tuple). Calls g
 model built from `fallback` (never a resize). Which path served each graph at each image size is logged
 once, in one line on the `vaebuild.diffusers` logger (again only if that path changes).
 
-Batches larger than the engines accept (the manifest's profile batch max) are split into chunks the
-engines take and concatenated; `enable_slicing()` forces chunks of one. Tiling and saving are refused
+Batches larger than the engine for their size accepts (its profile's batch max) are split into chunks it takes
+and concatenated; `enable_slicing()` forces chunks of one. `Pipeline.from_pipe(pipe)` keeps an EngineVae. Tiling and saving are refused
 with a one-line error: engines serve whole images, and their folder is not part of a pipeline folder.
 """
 
@@ -19,18 +19,23 @@ import json
 import logging
 
 import torch
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin, OnnxRuntimeModel
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from vaebuild.errors import UserInputError
-from vaebuild.model import GRAPHS
 
 logger = logging.getLogger("vaebuild.diffusers")
 
 
-class EngineVae(ModelMixin, ConfigMixin):
-    """A Qwen-Image VAE for diffusers pipelines, served by a vaebuild engine runtime (see the module doc)."""
+class EngineVae(torch.nn.Module, ConfigMixin, OnnxRuntimeModel):
+    """A Qwen-Image VAE for diffusers pipelines, served by a vaebuild engine runtime (see the module doc).
+
+    Not a `ModelMixin`: `Pipeline.from_pipe` checks the exact type of ModelMixin components against the new
+    pipeline's signature (`AutoencoderKLQwenImage`) and drops any other, but keeps other modules. Its
+    `OnnxRuntimeModel` base is diffusers' class for models served by a runtime rather than torch weights: it makes
+    `pipe.save_pretrained` call `EngineVae.save_pretrained` (which refuses) instead of silently skipping the VAE.
+    """
 
     config_name = "config.json"
 
@@ -42,7 +47,6 @@ class EngineVae(ModelMixin, ConfigMixin):
         self.temperal_downsample = list(self.config.temperal_downsample)
         self.use_slicing = False
         self._dtype = runtime.dtype
-        self._max_batch = {graph: _max_batch(runtime.manifest, graph) for graph in GRAPHS}
         self._logged_routes = set()
 
     @classmethod
@@ -134,17 +138,18 @@ class EngineVae(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ dispatch
 
     def _run(self, graph, x):
-        """The runtime's output for `x`, in batch chunks the engines accept; logs each size's path once."""
+        """The runtime's output for `x`, in batch chunks its engine for that size accepts; logs each path once."""
         run = self.runtime.encode if graph == "encoder" else self.runtime.decode
-        chunk = 1 if self.use_slicing else self._max_batch[graph] or len(x)
-        outputs = [run(part) for part in x.split(chunk)]
-        self._log_route(graph, x.shape)
+        chunk = 1 if self.use_slicing else self.runtime.max_batch(graph, x.shape) or len(x)
+        outputs = []
+        for part in x.split(chunk):
+            outputs.append(run(part))
+            self._log_route(graph, part.shape, self.runtime.last_route[graph])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _log_route(self, graph, shape):
+    def _log_route(self, graph, shape, route):
         scale = 1 if graph == "encoder" else 2 ** len(self.temperal_downsample)
         size = f"{shape[-2] * scale}x{shape[-1] * scale}"
-        route = self.runtime.last_route[graph]
         key = (graph, size, route.kind, route.engine)
         if key in self._logged_routes:
             return
@@ -153,12 +158,6 @@ class EngineVae(ModelMixin, ConfigMixin):
             logger.info("%s %s (HxW): engine %s, profile %d", graph, size, route.engine, route.profile)
         else:
             logger.info("%s %s (HxW): PyTorch 2-D model (%s)", graph, size, route.reason)
-
-
-def _max_batch(manifest, graph):
-    """The largest batch any engine of `graph` accepts (profile input max), or None without engines."""
-    batches = [p["input"]["max"][0] for e in manifest["engines"] if e["graph"] == graph for p in e["profiles"]]
-    return max(batches, default=None)
 
 
 def _same_device(requested, actual):

@@ -54,6 +54,7 @@ from pathlib import Path
 from vaebuild.backends import get_backend
 from vaebuild.errors import UserInputError, VaebuildError, one_line
 from vaebuild.manifest import MANIFEST_NAME
+from vaebuild.runtime.fallback import FallbackModel
 from vaebuild.runtime.folder import SPATIAL, choose_profile, image_size, read_engine_dir
 
 logger = logging.getLogger("vaebuild.runtime")
@@ -160,8 +161,7 @@ class VaeRuntime:
             self.weights = FolderWeights(self.engine_dir, self.manifest["weights_file"], override=weights)
         elif weights is not None:
             raise UserInputError(f"{self.engine_dir} has no weights file (its engines carry their weights); drop weights=")
-        self._fallback_vae = fallback_vae
-        self._fallback_graphs = None
+        self._fallback_model = FallbackModel(self.engine_dir, self.manifest, fallback_vae, self.device, self.dtype)
         self._reasons = {}  # rel_path -> why it cannot run here (None: it can)
         self._runners = OrderedDict()  # rel_path -> active runner, least recently used first
         self._runner_profile = {}  # rel_path -> active profile index
@@ -195,6 +195,29 @@ class VaeRuntime:
     def decode(self, latents):
         """Images `[B, 3, 1, 8h, 8w]` in [-1, 1] of de-normalized latents `[B, z, 1, h, w]`."""
         return self._run("decoder", latents)
+
+    def decode_images(self, latents):
+        """uint8 RGB images `[B, 8h, 8w, 3]` on the runtime's device of de-normalized latents `[B, z, 1, h, w]`.
+
+        The decoder's output converted as diffusers' `VaeImageProcessor.postprocess` does (bit-identical), on the device.
+        """
+        from vaebuild.pixels.convert import images_to_uint8
+
+        return images_to_uint8(self.decode(latents)[:, :, 0])
+
+    def encode_images(self, pixels):
+        """Moments `[B, 2z, 1, H/8, W/8]` (as `encode`) of uint8 RGB images `[B, H, W, 3]` on any device.
+
+        The pixels go to the device as uint8 and are normalised there as diffusers' `preprocess` does (bit-identical).
+        """
+        from vaebuild.pixels.convert import uint8_to_images
+
+        return self.encode(uint8_to_images(pixels.to(self.device)).unsqueeze(2))
+
+    def max_batch(self, graph, shape):
+        """The largest batch the engine that serves one input of `shape` (any batch) accepts; None if no engine does."""
+        entry, profile, _ = self._plan(graph, (1, *tuple(shape)[1:]))
+        return None if entry is None else profile.max[0]
 
     @property
     def engine_paths(self):
@@ -439,41 +462,7 @@ class VaeRuntime:
             self._warned.add(reason)
             logger.warning("%s: using the PyTorch 2-D model instead of an engine: %s", graph, reason)
         self.last_route[graph] = Route("pytorch", reason=reason)
-        module = self._fallback_graph(graph)
-        return module(x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
-
-    def _fallback_graph(self, graph):
-        if self._fallback_graphs is None:
-            from vaebuild.model.graphs import build_graphs
-
-            vae = self._fallback_vae if self._fallback_vae is not None else self._load_manifest_model()
-            encoder, decoder = build_graphs(vae, fold=True, fast_attention=True, fused_norms=True)
-            self._fallback_graphs = {
-                "encoder": encoder.to(device=self.device, dtype=self.dtype),
-                "decoder": decoder.to(device=self.device, dtype=self.dtype),
-            }
-            self._fallback_vae = None  # the folded copies are all the fallback needs
-        return self._fallback_graphs[graph]
-
-    def _load_manifest_model(self):
-        from vaebuild.model.source import ModelSource, load_vae, weights_sha256
-
-        described = self.manifest.get("model") or {}
-        source = ModelSource.from_description(described)
-        if source is None:
-            raise UserInputError(
-                f"{self.engine_dir / MANIFEST_NAME} does not say where its model came from ({described!r}); "
-                "pass fallback_vae= for the PyTorch fallback"
-            )
-        logger.info("loading the PyTorch fallback VAE from the manifest's model source %s", described)
-        vae = load_vae(source)
-        if weights_sha256(vae) != self.manifest.get("weights_sha256"):
-            logger.warning(
-                "the fallback VAE from %s has other weights than the engines in %s were built from",
-                described, self.engine_dir,
-            )
-        return vae
-
+        return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
 
 
 def _is_out_of_memory(err):
