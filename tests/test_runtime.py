@@ -547,8 +547,8 @@ def test_wrong_input_shape_is_a_user_error(static_dir, tiny_vae, shape):
         vae.encode(torch.zeros(shape))
 
 
-def test_from_config_takes_the_readme_lightx2v_blocks_unchanged(static_dir, multi_dir):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_from_config_takes_the_documented_lightx2v_blocks_unchanged(static_dir, multi_dir):
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "backends" / "tensorrt.md").read_text()
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", readme, re.S) if "trt_vae_config" in b]
     assert [b["trt_vae_config"]["multi_profile"] for b in blocks] == [False, True]
     for block in blocks:

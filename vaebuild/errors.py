@@ -14,9 +14,14 @@ FILE_SYSTEM_EXIT_CODE = 5
 INTERRUPTED_EXIT_CODE = 130
 
 
-def one_line(err, with_type=False) -> str:
-    """An exception (or any text) as one line of at most 300 characters, for error messages."""
+def one_line(err, with_type=False, first_line=False) -> str:
+    """An exception (or any text) as one line of at most 300 characters, for error messages.
+
+    `first_line`: only the text's first line (for libraries whose messages continue with details).
+    """
     text = f"{type(err).__name__}: {err}" if with_type else str(err)
+    if first_line:
+        text = text.strip().split("\n", 1)[0]
     text = " ".join(text.split()) or type(err).__name__
     return text if len(text) < 300 else text[:297] + "..."
 

@@ -109,7 +109,7 @@ def build_engine(
     try:
         builder, network, parser = pg.loaders.network_from_onnx_path(str(onnx_path), strongly_typed=True)
     except PolygraphyException as exc:
-        raise UserInputError(f"cannot parse ONNX file {onnx_path}: {one_line(exc)}") from exc
+        raise UserInputError(f"cannot parse ONNX file {onnx_path}: {one_line(exc, first_line=True)}") from exc
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     input_dims = {tensor.name: tuple(tensor.shape) for tensor in inputs}
     output_names = tuple(network.get_output(i).name for i in range(network.num_outputs))
@@ -129,7 +129,7 @@ def build_engine(
         )
         build_seconds = time.perf_counter() - start
     except PolygraphyException as exc:
-        raise VaebuildError(f"engine build from {onnx_path} failed: {one_line(exc)}") from exc
+        raise VaebuildError(f"engine build from {onnx_path} failed: {one_line(exc, first_line=True)}") from exc
     built_profiles = tuple(_read_back_profile(builder, network, profile) for profile in polygraphy_profiles)
 
     with atomic_output(engine_path) as tmp:
