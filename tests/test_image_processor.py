@@ -76,6 +76,16 @@ def assert_same_array(expected, got):
 
 # postprocess
 
+def assert_same_output(output_type, expected, got):
+    """Byte equality of two postprocess results of `output_type`."""
+    if output_type == "pil":
+        assert_same_pil(expected, got)
+    elif output_type == "np":
+        assert_same_array(expected, got)
+    else:
+        assert_same_tensor(expected, got)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
@@ -84,12 +94,7 @@ def test_postprocess_matches_diffusers(dtype, batch, output_type):
     images = decoded(batch, 37, 53, dtype, seed=batch)
     expected = reference.postprocess(images.clone(), output_type=output_type)
     got = engine.postprocess(images.clone(), output_type=output_type)
-    if output_type == "pil":
-        assert_same_pil(expected, got)
-    elif output_type == "np":
-        assert_same_array(expected, got)
-    else:
-        assert_same_tensor(expected, got)
+    assert_same_output(output_type, expected, got)
 
 
 def test_postprocess_default_output_type_and_other_channel_counts():
@@ -147,12 +152,7 @@ def test_do_denormalize_given(do_denormalize, output_type):
     reference, engine = pair()
     expected = reference.postprocess(images, output_type, do_denormalize=do_denormalize)
     got = engine.postprocess(images, output_type, do_denormalize=do_denormalize)
-    if output_type == "pil":
-        assert_same_pil(expected, got)
-    elif output_type == "np":
-        assert_same_array(expected, got)
-    else:
-        assert_same_tensor(expected, got)
+    assert_same_output(output_type, expected, got)
 
 
 def test_do_normalize_false_config_and_unknown_output_type():
