@@ -570,3 +570,22 @@ def test_images_in_and_out_as_uint8(multi_dir, tiny_vae):
     assert pixels[0].numpy().tobytes() == stock[0].tobytes()
     expected = VaeImageProcessor(vae_scale_factor=16).preprocess(stock[0]).unsqueeze(2)
     torch.testing.assert_close(vae.encode_images(pixels), vae.encode(expected), rtol=0, atol=0)
+
+
+def test_fallback_out_of_memory_is_one_line_and_the_runtime_stays_usable(static_dir, tiny_vae):
+    from vaebuild.runtime.engines import FallbackOutOfMemoryError
+
+    vae = TrtVae(static_dir, False, tiny_vae, device="cpu", unavailable_reason=lambda backend: "no engines in this test")
+    working = vae._fallback_model
+
+    def out_of_memory(graph, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 31.64 GiB\nmore lines")
+
+    vae._fallback_model = out_of_memory
+    with pytest.raises(FallbackOutOfMemoryError) as caught:
+        vae.decode(latents(tiny_vae, 40, 56))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("decoder at image size 40x56 (HxW) ran out of memory")
+    assert message.endswith("build engines that serve this size, or use tiles (tiling=True)")
+    vae._fallback_model = working
+    assert vae.decode(latents(tiny_vae, 40, 56)).shape == (1, 3, 1, 40, 56)

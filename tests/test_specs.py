@@ -124,6 +124,40 @@ def test_t2i_static_for_lightx2v_main():
     assert [(p.name, p.opt.height, p.opt.width) for p in spec.profiles] == T2I_LIGHTX2V_MAIN
 
 
+def test_edit_spec_is_every_size_the_edit_pipelines_encode_at():
+    """The shipped file is what the rule generates, and the rule finds every size diffusers' own function gives."""
+    import math
+
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    from vaebuild.builder.edit_sizes import edit_sizes, edit_spec_yaml
+
+    assert find_spec("qwen_image_edit").read_text() == edit_spec_yaml()
+    spec = load_without_warnings(find_spec("qwen_image_edit"))
+    built = {(p.opt.width, p.opt.height) for p in spec.profiles}
+    swept = {calculate_dimensions(1024 * 1024, math.exp(math.log(3) * (2 * i / 20000 - 1)))[:2] for i in range(20001)}
+    assert built == set(edit_sizes()) and swept <= built and len(built) == len(spec.profiles)
+    assert {(1184, 896), (896, 1184), (1248, 832), (1376, 768), (1024, 1024)} <= built
+    assert all(w % 32 == 0 and h % 32 == 0 and max(w, h) <= spec.max_side for w, h in built)
+
+
+def test_large_spec():
+    spec = load_without_warnings(find_spec("large_static"))
+    assert spec.max_side == 4096
+    assert [(p.opt.width, p.opt.height) for p in spec.profiles] == [
+        (2048, 2048), (2560, 1440), (1440, 2560), (3840, 2160), (2160, 3840)]
+
+
+def test_max_side_is_at_most_4096(tmp_path):
+    assert load_spec(static_spec(tmp_path, ['{name: "4k", height: 4096, width: 4096, batch: 1}'],
+                                 "kind: static\nmax_side: 4096\n")).max_side == 4096
+    assert_error(static_spec(tmp_path, header="kind: static\nmax_side: 4104\n"),
+                 "max_side=4104 > 4096, the largest side vaebuild builds; lower it to 4096 or less (tile larger images)")
+    assert_error(static_spec(tmp_path, ['{name: "big", height: 4112, width: 64, batch: 1}'],
+                             "kind: static\nmax_side: 4096\n"),
+                 "profiles[0].height=4112 > max_side 4096; lower it or raise max_side")
+
+
 def test_every_shipped_spec_loads():
     shipped = shipped_specs()
     assert {"t2i_static", "t2i_static_lightx2v_main", "i2i_multiprofile"} <= set(shipped)

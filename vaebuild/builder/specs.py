@@ -24,6 +24,7 @@ IMAGE_CHANNELS = 3
 LATENT_CHANNELS = 16  # z_dim of the Qwen-Image VAE
 VAE_SCALE = 8  # image side / latent side
 PIPELINE_MULTIPLE = 16  # Qwen-Image pipelines floor image sides to multiples of 16
+MAX_SIDE_LIMIT = 4096  # the largest image side a spec may ask for (inductor packages are built and run up to it)
 
 KINDS = ("static", "multiprofile")
 ROUNDINGS = ("reject", "floor16")
@@ -206,6 +207,9 @@ class _Checker:
         if self.rounding not in ROUNDINGS:
             raise self.error(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}; set one of them")
         self.max_side = self.integer(top["max_side"], "max_side", VAE_SCALE)
+        if self.max_side > MAX_SIDE_LIMIT:
+            raise self.error(f"max_side={self.max_side} > {MAX_SIDE_LIMIT}, the largest side vaebuild builds; "
+                             f"lower it to {MAX_SIDE_LIMIT} or less (tile larger images)")
         entries = top["profiles"]
         if not isinstance(entries, list):
             raise self.error(f"profiles is {_describe(entries)}; write a list of profile entries")

@@ -64,6 +64,10 @@ class EngineUnavailableError(VaebuildError):
     """No engine can serve this call (raised instead of falling back when `allow_fallback=False`)."""
 
 
+class FallbackOutOfMemoryError(VaebuildError):
+    """The PyTorch fallback ran out of memory for a size no engine serves (one line, the runtime stays usable)."""
+
+
 @dataclass(frozen=True)
 class Route:
     """How the last call of a graph was served: by an engine (and profile) or by PyTorch (and why)."""
@@ -462,7 +466,16 @@ class VaeRuntime:
             self._warned.add(reason)
             logger.warning("%s: using the PyTorch 2-D model instead of an engine: %s", graph, reason)
         self.last_route[graph] = Route("pytorch", reason=reason)
-        return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
+        try:
+            return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            size = image_size(tuple(x.shape), 1 if graph == "encoder" else 8)
+        raise FallbackOutOfMemoryError(
+            f"{graph} at image size {size} (HxW) ran out of memory in the PyTorch fallback ({reason}); "
+            "build engines that serve this size, or use tiles (tiling=True)"
+        )
 
 
 def _is_out_of_memory(err):
