@@ -117,19 +117,23 @@ def check_before_export(kind, spec, options: BuildOptions):
 
 def profile_shapes(graph, profile, record):
     """(min, opt, max) input shapes of `graph` for one spec profile, sized for the exported model."""
+    if hasattr(profile, "input_shapes"):  # a tile package's profile (builder.tiles)
+        return profile.input_shapes
     config = record["vae_config"]
     if graph == "encoder":
         return profile.encoder_shapes(image_channels=config["input_channels"])
     return profile.decoder_shapes(latent_channels=config["z_dim"])
 
 
-def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print, allow_non_fp16=False, summary=None):
+def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print, allow_non_fp16=False, summary=None,
+                  tile=None):
     """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`.
 
     `source` is a `BuildSource` (or, for the TensorRT backends, a `vaebuild export` folder). With
     `options.jobs > 1` packages compile in that many worker processes. A non-fp16 TensorRT build needs
     `allow_non_fp16` (see `vaebuild.contracts`); `summary`, a `vaebuild.summary.RunSummary`, records
-    each engine as built, skipped or failed.
+    each engine as built, skipped or failed. `tile` (height, width image pixels; inductor only) adds the exact-tile
+    packages (`vaebuild.builder.tiles`).
     """
     if not isinstance(source, BuildSource):
         source = BuildSource.from_onnx_dir(source)
@@ -141,6 +145,11 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
     plan = planned_engines(spec, kind, backend.file_suffix)
+    if tile:
+        from vaebuild.builder.tiles import add_tile_graphs, tile_plan
+
+        record = source.record = add_tile_graphs(record)
+        plan += tile_plan(spec, record, tile, backend.file_suffix)
     # Engines only load in the builder's own version (and packages on their own GPU): a change rebuilds them.
     backend_version = backend.version()
     target = backend.build_target(options)
@@ -160,6 +169,10 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
         "single_frame_fold": record["single_frame_fold"],
         "build_options": options_dict,
     }
+    if tile:
+        from vaebuild.builder.tiles import tiles_header
+
+        header["tiles"] = tiles_header(record, tile)
     if backend.builds_from == "pytorch":
         weights = header["weights_file"] = source.write_weights(out_dir)
         log(f"weights: {weights['path']} ({weights['size_bytes'] / 1e6:.1f} MB, {weights['tensors']} tensors)")

@@ -47,6 +47,7 @@ class BuildRequest:
     ratios: tuple[str, ...] = ()  # spec entries to build; empty: all
     export: ExportSettings = field(default_factory=ExportSettings)
     builder: BuilderSettings = field(default_factory=BuilderSettings)
+    tile: tuple[int, int] | None = None  # exact-tile packages: the tile's core (height, width) in image pixels
 
 
 def run_build(request: BuildRequest, log=print, summary=None):
@@ -75,6 +76,13 @@ def run_build(request: BuildRequest, log=print, summary=None):
         jobs=builder.jobs,
     )
     precision = export.precision or ("bf16" if compiles_pytorch else "fp16")
+    if request.tile is not None:
+        from vaebuild.builder.tiles import parse_tile
+
+        parse_tile("x".join(map(str, request.tile)))  # the one-line checks
+        if not compiles_pytorch:
+            raise UserInputError(f"--tile builds exact-tile packages for the inductor backend only for now, not "
+                                 f"{builder.backend}; pass --backend inductor or drop --tile")
     spec = load_spec(find_spec(request.spec) if request.spec else default_spec_path(request.kind))
     if request.ratios:
         spec = spec.select(list(request.ratios))
@@ -97,7 +105,7 @@ def run_build(request: BuildRequest, log=print, summary=None):
     else:
         source = request.onnx
     manifest = build_engines(request.kind, spec, source, out, options, log=log,
-                             allow_non_fp16=builder.allow_non_fp16, summary=summary)
+                             allow_non_fp16=builder.allow_non_fp16, summary=summary, tile=request.tile)
     if summary:
         summary.details.update(manifest=str(Path(out) / "manifest.json"), runtime_contract=manifest["runtime_contract"],
                                spec=str(spec.path), backend=builder.backend)

@@ -68,6 +68,12 @@ JsonSummaryOption = Annotated[
     Optional[Path],
     typer.Option("--json", help="Write a summary for CI here: engines built, skipped and failed, paths, times."),
 ]
+TileOption = Annotated[
+    Optional[str],
+    typer.Option("--tile", help="inductor: also build exact-tile packages for cores of HxW image pixels (multiples of 8, "
+                 "e.g. 512x512): any size up to max_side decodes and encodes in bounded memory, equal to untiled.",
+                 rich_help_panel="Builder"),
+]
 ComputeCapabilityOption = Annotated[
     Optional[list[str]],
     typer.Option("--compute-capability", help="Target GPU, e.g. 8.6 (tensorrt_rtx only; repeatable).",
@@ -112,9 +118,11 @@ def _build_command(kind, summary):
         embed_weights: EmbedWeightsOption = False,
         jobs: JobsOption = 1,
         allow_non_fp16: AllowNonFp16Option = False,
+        tile: TileOption = None,
         json_path: JsonSummaryOption = None,
     ):
         from vaebuild.builder.run import BuilderSettings, BuildRequest, ExportSettings, run_build
+        from vaebuild.builder.tiles import parse_tile
         from vaebuild.progress import progress_log
         from vaebuild.summary import BUILD_STATUSES, summary_written
 
@@ -132,6 +140,7 @@ def _build_command(kind, summary):
                     compute_capabilities=_parse_compute_capabilities(compute_capability), embed_weights=embed_weights,
                     jobs=jobs, allow_non_fp16=allow_non_fp16,
                 ),
+                tile=parse_tile(tile),
             )
             manifest = run_build(request, log=log, summary=summary)
         typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")

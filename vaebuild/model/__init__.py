@@ -5,4 +5,6 @@ This module imports nothing heavy: it names the graphs and their ONNX files for 
 """
 
 GRAPHS = ("encoder", "decoder")
+# The split graphs of exact tiles (`vaebuild.model.tiling`), built into a folder by `--tile`.
+TILE_GRAPHS = ("decoder_head", "decoder_tail", "encoder_down", "encoder_rest")
 ONNX_FILES = {graph: f"vae_{graph}.onnx" for graph in GRAPHS}

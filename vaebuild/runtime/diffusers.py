@@ -11,8 +11,10 @@ model built from `fallback` (never a resize). Which path served each graph at ea
 once, in one line on the `vaebuild.diffusers` logger (again only if that path changes).
 
 Batches larger than the engine for their size accepts (its profile's batch max) are split into chunks it takes
-and concatenated; `enable_slicing()` forces chunks of one. `Pipeline.from_pipe(pipe)` keeps an EngineVae. Tiling and saving are refused
-with a one-line error: engines serve whole images, and their folder is not part of a pipeline folder.
+and concatenated; `enable_slicing()` forces chunks of one. `Pipeline.from_pipe(pipe)` keeps an EngineVae.
+`enable_tiling()` runs every size through exact tiles (`vaebuild.runtime.tiling`: equal to the untiled result);
+`disable_tiling()` goes back to tiles only where no whole-image engine serves the size and the folder has tile
+engines. Saving is refused with a one-line error: the engines' folder is not part of a pipeline folder.
 """
 
 import json
@@ -46,6 +48,7 @@ class EngineVae(torch.nn.Module, ConfigMixin, OnnxRuntimeModel):
         self.register_to_config(**runtime.manifest["vae_config"])
         self.temperal_downsample = list(self.config.temperal_downsample)
         self.use_slicing = False
+        self.use_tiling = False
         self._dtype = runtime.dtype
         self._logged_routes = set()
 
@@ -116,14 +119,23 @@ class EngineVae(torch.nn.Module, ConfigMixin, OnnxRuntimeModel):
         """Encode and decode in chunks as large as the engines accept (the default)."""
         self.use_slicing = False
 
-    def enable_tiling(self, *args, **kwargs):
-        raise UserInputError(
-            "EngineVae does not tile: engines serve whole images; build engines covering the size, "
-            "or use the stock AutoencoderKLQwenImage for tiled decoding"
-        )
+    def enable_tiling(self, tile_sample_min_height=None, tile_sample_min_width=None, tile_sample_stride_height=None,
+                      tile_sample_stride_width=None):
+        """Encode and decode every size through exact tiles (`VaeRuntime(tiling=True)`): the untiled result, not a blend.
+
+        diffusers' signature: `tile_sample_min_height` / `tile_sample_min_width` (image pixels, multiples of 8) set
+        the tile's core size; without them the folder's `--tile` size is used (or 512x512 without tile engines).
+        The stride arguments are accepted and ignored: exact tiles overlap by the halo the architecture needs.
+        """
+        self.runtime.tiles.set_tile(tile_sample_min_height, tile_sample_min_width)
+        self.runtime.tiles.tiling = True
+        self.use_tiling = True
 
     def disable_tiling(self):
-        """Tiling is never on: nothing to do."""
+        """Back to the runtime's default, tiling="auto": tiles only for sizes no whole-image engine serves, when the
+        folder holds tile engines (the result is the same either way)."""
+        self.runtime.tiles.tiling = "auto"
+        self.use_tiling = False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         raise UserInputError(
@@ -156,6 +168,9 @@ class EngineVae(torch.nn.Module, ConfigMixin, OnnxRuntimeModel):
         self._logged_routes.add(key)
         if route.kind == "engine":
             logger.info("%s %s (HxW): engine %s, profile %d", graph, size, route.engine, route.profile)
+        elif route.kind == "tiles":
+            logger.info("%s %s (HxW): exact tiles (%s%s)", graph, size, route.engine or "PyTorch 2-D split graphs",
+                        f"; PyTorch for: {route.reason}" if route.reason else "")
         else:
             logger.info("%s %s (HxW): PyTorch 2-D model (%s)", graph, size, route.reason)
 

@@ -72,7 +72,7 @@ class FallbackOutOfMemoryError(VaebuildError):
 class Route:
     """How the last call of a graph was served: by an engine (and profile) or by PyTorch (and why)."""
 
-    kind: str  # "engine" | "pytorch"
+    kind: str  # "engine" | "pytorch" | "tiles" (engine: the tile engines used, reason: why a piece ran in PyTorch)
     engine: str | None = None
     profile: int | None = None
     reason: str | None = None
@@ -99,6 +99,7 @@ class VaeRuntime:
         unavailable_reason=None,
         allow_fallback=True,
         cuda_graphs=False,
+        tiling="auto",
     ):
         """
         engine_dir: a folder written by `vaebuild static` or `vaebuild multiprofile`.
@@ -117,6 +118,8 @@ class VaeRuntime:
         allow_fallback: False raises EngineUnavailableError instead of running PyTorch (benchmarks use this).
         cuda_graphs: replay AOTInductor packages from CUDA graphs, one captured per input shape on its first
             call (fewer launch gaps; each captured shape keeps its intermediate tensors allocated). CUDA only.
+        tiling: exact tiles (`vaebuild.runtime.tiling`): True always, False never, "auto" for sizes no whole-image
+            engine serves when the folder holds tile engines (`--tile`).
         """
         import torch
 
@@ -175,6 +178,9 @@ class VaeRuntime:
         self.engine_bytes = {}  # rel_path -> memory its most recent load took
         self.fallback_counts = Counter()  # reason -> number of calls served by PyTorch for it
         self.last_route = {}  # graph -> Route of its most recent call
+        from vaebuild.runtime.tiling import TileRouter
+
+        self.tiles = TileRouter(self, tiling)  # exact tiles (vaebuild.runtime.tiling): tiling=True, False or "auto"
         if resident == "all":
             self.load_all()
 
@@ -291,6 +297,8 @@ class VaeRuntime:
 
         self._check_input(graph, x)
         with torch.no_grad():
+            if self.tiles.wanted(graph, x):
+                return self.tiles.run(graph, x)
             entry, profile, reason = self._plan(graph, tuple(x.shape))
             if entry is not None:
                 runner, reason = self._runner_for(entry, profile)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaebuild.manifest import read_build_manifest
-from vaebuild.model import GRAPHS
+from vaebuild.model import GRAPHS, TILE_GRAPHS
 
 SPATIAL = slice(3, 5)  # (height, width) of a 5-D input shape
 
@@ -62,7 +62,7 @@ def read_engine_dir(engine_dir):
     """(manifest, {graph: [EngineEntry]}) of a vaebuild engine folder; UserInputError without a manifest."""
     engine_dir = Path(engine_dir)
     manifest = read_build_manifest(engine_dir)
-    entries = {graph: [] for graph in GRAPHS}
+    entries = {graph: [] for graph in GRAPHS + TILE_GRAPHS}  # tile graphs: `--tile` builds (model.tiling)
     for raw in manifest["engines"]:
         profiles = tuple(
             EngineProfile(i, p["name"], *(tuple(p["input"][level]) for level in ("min", "opt", "max")))

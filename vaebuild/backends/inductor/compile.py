@@ -81,10 +81,15 @@ def compile_package(request) -> EngineInfo:
     device = torch.device(request["device"])
     # Convolution rewrites (any shape): the upsamplers at 4/9 of their multiply-adds, the convolutions from and
     # to RGB over their taps.
-    module = build_graph_modules_from_weights(
+    from vaebuild.model.tiling import TILE_MODULES, TILE_PARENT
+
+    graph = request["graph"]
+    graphs = build_graph_modules_from_weights(
         request["vae_config"], request["weights_path"], request["precision"], device,
         fast_attention=request["fast_kernels"], conv_rewrites=True, fused_norms=request["fused_norms"],
-    )[request["graph"]]
+    )
+    # A tile package (`--tile`) is one split graph over the whole graph's modules (their tensor names).
+    module = TILE_MODULES[graph](graphs[TILE_PARENT[graph]]).eval() if graph in TILE_MODULES else graphs[graph]
     # Convolution weights channels-last, the layout cuDNN's NHWC kernels take: else the package converts
     # each one on every call (and cuDNN copies the transposed convolutions' weights), 0.5 ms per decode.
     module = module.to(memory_format=torch.channels_last)
