@@ -145,9 +145,12 @@ class TileRouter:
                     try:
                         out = runtime._infer(runner, entry, x)
                     except Exception as err:  # foreign runtime: CUDA OOM, ...
-                        reason = f"running {entry.rel_path} failed: {one_line(err, with_type=True)}"
-                        runtime._failed[entry.rel_path] = reason
-                        runtime._release(entry.rel_path)
+                        if hasattr(runtime, "_run_failed"):  # the runtime's own rule (out of memory is transient)
+                            reason = runtime._run_failed(entry, err)
+                        else:
+                            reason = f"running {entry.rel_path} failed: {one_line(err, with_type=True)}"
+                            runtime._failed[entry.rel_path] = reason
+                            runtime._release(entry.rel_path)
                     else:
                         used.append(entry.rel_path)
                         return out
