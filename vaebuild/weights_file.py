@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,8 +114,7 @@ def read_to_device(path, device, check=None, channels_last=False):
         mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     data = memoryview(mapped)
     host = torch.frombuffer(mapped, dtype=torch.uint8)
-    (header_size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(bytes(data[8:8 + header_size]))
+    header, header_size = _header(path, data, size)
     stored_channels_last = _stored_channels_last(header.pop("__metadata__", None))
     slots, cursor = {}, 0
     for name, info in header.items():
@@ -146,6 +146,26 @@ def read_to_device(path, device, check=None, channels_last=False):
         tensors[name] = flat[slot:slot + end - start].view(tensor.dtype).as_strided(tensor.shape, strides)
         tensors[name].copy_(copy)
     return tensors
+
+
+def _header(path, data, size):
+    """(header, its size) of a safetensors file's bytes; UserInputError (one line) for a truncated or malformed file."""
+    (header_size,) = struct.unpack("<Q", data[:8])
+    problem = None
+    if 8 + header_size > size:
+        problem = f"its header says {header_size} bytes and the file has {size}"
+    else:
+        try:
+            header = json.loads(bytes(data[8:8 + header_size]))
+        except ValueError as err:
+            problem = f"its header is not JSON ({err})"
+        else:
+            ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+            if ends and 8 + header_size + max(ends) > size:
+                problem = f"its tensors need {8 + header_size + max(ends)} bytes and the file has {size}"
+    if problem:
+        raise UserInputError(f"{path} is truncated or not a safetensors file ({problem}); rebuild the folder")
+    return header, header_size
 
 
 def _aligned(size):
@@ -182,6 +202,7 @@ class FolderWeights:
         self.path = self.folder / record["path"]
         self.override = Path(override) if override else None
         self._on_device = {}
+        self._lock = threading.Lock()  # one load per device and layout, whichever threads ask
 
     def tensors(self, device, channels_last=False):
         """{name: tensor} on `device` (4-D ones channels-last if asked: `read_to_device`); raises
@@ -192,22 +213,30 @@ class FolderWeights:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         key = (str(device), channels_last)
-        if key not in self._on_device:
-            source = self.override or self.path
-            if not source.is_file():
-                raise UserInputError(f"weights file {source} is missing; rebuild the folder (or drop weights=)")
-            if source == self.path:
-                tensors = read_to_device(source, device, check=self._check_hash, channels_last=channels_last)
-            else:
-                tensors = read_to_device(source, device, channels_last=channels_last)
-                self._check_like_folder_file(source, tensors)
-                logger.info("using weights from %s instead of %s", source, self.path)
-            self._on_device[key] = tensors
-        return self._on_device[key]
+        with self._lock:
+            if key not in self._on_device:
+                self._on_device[key] = self._read(device, channels_last)
+            return self._on_device[key]
+
+    def _read(self, device, channels_last):
+        source = self.override or self.path
+        if not source.is_file():
+            raise UserInputError(f"weights file {source} is missing; rebuild the folder (or drop weights=)")
+        if source == self.path:
+            size = source.stat().st_size
+            if size != self.record["size_bytes"]:
+                raise UserInputError(f"{source}: contents differ from the manifest ({size} bytes, it records "
+                                     f"{self.record['size_bytes']}: truncated or replaced); rebuild the folder")
+            return read_to_device(source, device, check=self._check_hash, channels_last=channels_last)
+        tensors = read_to_device(source, device, channels_last=channels_last)
+        self._check_like_folder_file(source, tensors)
+        logger.info("using weights from %s instead of %s", source, self.path)
+        return tensors
 
     def release(self):
         """Drop every device copy (of either layout)."""
-        self._on_device.clear()
+        with self._lock:
+            self._on_device.clear()
 
     def _check_hash(self, data, pool):
         """Refuse the folder's file unless its bytes hash to what the manifest recorded."""

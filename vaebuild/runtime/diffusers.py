@@ -15,10 +15,14 @@ and concatenated; `enable_slicing()` forces chunks of one. `Pipeline.from_pipe(p
 `enable_tiling()` runs every size through exact tiles (`vaebuild.runtime.tiling`: equal to the untiled result);
 `disable_tiling()` goes back to tiles only where no whole-image engine serves the size and the folder has tile
 engines. Saving is refused with a one-line error: the engines' folder is not part of a pipeline folder.
+
+Threads: an EngineVae may be called from many threads at once, as its `VaeRuntime` may; each call's path is the
+calling thread's (`VaeRuntime.thread_route`).
 """
 
 import json
 import logging
+import threading
 
 import torch
 from diffusers import ConfigMixin, OnnxRuntimeModel
@@ -51,6 +55,7 @@ class EngineVae(torch.nn.Module, ConfigMixin, OnnxRuntimeModel):
         self.use_tiling = False
         self._dtype = runtime.dtype
         self._logged_routes = set()
+        self._log_lock = threading.Lock()  # calls may come from many threads (the runtime is thread-safe)
 
     @classmethod
     def from_folder(cls, folder, fallback=None, *, device=None, dtype=None, **runtime_kwargs):
@@ -156,16 +161,17 @@ class EngineVae(torch.nn.Module, ConfigMixin, OnnxRuntimeModel):
         outputs = []
         for part in x.split(chunk):
             outputs.append(run(part))
-            self._log_route(graph, part.shape, self.runtime.last_route[graph])
+            self._log_route(graph, part.shape, self.runtime.thread_route(graph))  # this thread's call
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _log_route(self, graph, shape, route):
         scale = 1 if graph == "encoder" else 2 ** len(self.temperal_downsample)
         size = f"{shape[-2] * scale}x{shape[-1] * scale}"
         key = (graph, size, route.kind, route.engine)
-        if key in self._logged_routes:
-            return
-        self._logged_routes.add(key)
+        with self._log_lock:
+            if key in self._logged_routes:
+                return
+            self._logged_routes.add(key)
         if route.kind == "engine":
             logger.info("%s %s (HxW): engine %s, profile %d", graph, size, route.engine, route.profile)
         elif route.kind == "tiles":

@@ -37,17 +37,30 @@ engine cannot serve a call: no engine for the size or shape, the engine file is 
 is not installed or cannot run here (its `unavailable_reason`: e.g. TensorRT-RTX on Hopper, a package
 compiled for another GPU or torch), or loading, activating or running the engine failed (e.g. CUDA
 out of memory). Each distinct reason is logged once as a warning on the `vaebuild.runtime` logger;
-`fallback_counts` counts calls per reason. An engine that failed to load or run is not retried. The
+`fallback_counts` counts calls per reason. An engine that failed to load or run is not retried, except
+after running out of memory during a call: that is transient (the call's own buffers), so that call falls
+back (or raises EngineUnavailableError) and the engine stays loaded and serves the next call. The
 fallback model is `fallback_vae` if given, else loaded on first need from the manifest's model source.
 
 Engines are created through `runner_factory(engine_path, backend, profile_index)`, by default the
 backend's `load_runner` (a Polygraphy runner: activate / infer / set_profile / deactivate); tests
-pass a fake. Not thread-safe: use one runtime per thread.
+pass a fake.
+
+Threads: one runtime may be called from many threads at once (with or without CUDA graphs). Calls of one
+engine run one at a time (a lock per engine, held from the profile switch to the copy of its outputs, so a CUDA
+graph of a shape is never captured or replayed by two threads at once); calls of different engines may overlap;
+loading, LRU release, failure records, `fallback_counts`, the warnings and the lazy build of the fallback model
+are guarded by one lock of the runtime, and an engine is released only once no call is using it. Outputs equal
+those of the same calls made one after another. `last_route[graph]` is the most recent call's in any thread;
+`thread_route(graph)` the calling thread's. Throughput: an AOTInductor package's run keeps the GIL (torch's
+binding), so threads overlap only on the GPU and in the ops that release it (`docs/runtime.md`).
 """
 
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +92,27 @@ class Route:
 
 
 RESIDENCY = ("all", "lazy")
+
+
+class _Routes(dict):
+    """graph -> Route of the most recent call in any thread; `mine(graph)`: the calling thread's (None: no call yet)."""
+
+    def __init__(self):
+        super().__init__()
+        self._local = threading.local()
+
+    def __setitem__(self, graph, route):
+        super().__setitem__(graph, route)
+        if not hasattr(self._local, "routes"):
+            self._local.routes = {}
+        self._local.routes[graph] = route
+
+    def mine(self, graph):
+        return getattr(self._local, "routes", {}).get(graph)
+
+
+class _ProfileError(Exception):
+    """Selecting an engine's profile failed (the message is the whole reason)."""
 
 
 class VaeRuntime:
@@ -177,7 +211,13 @@ class VaeRuntime:
         self.load_seconds = {}  # rel_path -> seconds of its most recent load
         self.engine_bytes = {}  # rel_path -> memory its most recent load took
         self.fallback_counts = Counter()  # reason -> number of calls served by PyTorch for it
-        self.last_route = {}  # graph -> Route of its most recent call
+        self.last_route = _Routes()  # graph -> Route of its most recent call (any thread); .mine(graph): this thread's
+        self._lock = threading.RLock()  # residency, failures, counters, warnings (see the module doc: Threads)
+        self._idle = threading.Condition(self._lock)  # notified when a call stops using its engine
+        self._in_use = Counter()  # rel_path -> calls now using its runner (it is released only at 0)
+        self._engine_locks = {rel: threading.Lock() for rel in self._by_path}  # one call of an engine at a time
+        self._engine_events = {}  # rel_path -> CUDA event recorded after its last call's outputs were copied
+        self._fallback_lock = threading.Lock()  # the fallback model is built once
         from vaebuild.runtime.tiling import TileRouter
 
         self.tiles = TileRouter(self, tiling)  # exact tiles (vaebuild.runtime.tiling): tiling=True, False or "auto"
@@ -246,8 +286,14 @@ class VaeRuntime:
     def load_all(self):
         """Load every engine of the folder now (each with its first profile); failures fall back later."""
         for entry in self._by_path.values():
-            if entry.rel_path not in self._runners:
-                self._runner_for(entry, entry.profiles[0])
+            with self._lock:
+                if entry.rel_path not in self._runners:
+                    self._runner_for(entry, entry.profiles[0])
+
+    def thread_route(self, graph):
+        """The `Route` of the calling thread's most recent call of `graph` (None before its first); `last_route`
+        holds the most recent call's of any thread."""
+        return self.last_route.mine(graph)
 
     def prepare(self, graph, shape):
         """Load the engine that serves inputs of `shape` and return its `Route`; EngineUnavailableError says why none."""
@@ -259,11 +305,14 @@ class VaeRuntime:
         raise EngineUnavailableError(reason)
 
     def release(self):
-        """Deactivate every engine in memory (they load again on their next use) and drop the shared weights."""
-        for rel_path in list(self._runners):
-            self._release(rel_path)
-        if self.weights is not None:
-            self.weights.release()
+        """Deactivate every engine in memory (they load again on their next use) and drop the shared weights.
+
+        Calls of other threads that are using an engine finish first."""
+        with self._lock:
+            for rel_path in list(self._runners):
+                self._release(rel_path)
+            if self.weights is not None and not self._runners:  # (another thread may have loaded one meanwhile)
+                self.weights.release()
 
     close = release
 
@@ -283,12 +332,14 @@ class VaeRuntime:
     @property
     def resident_engines(self):
         """Relative paths of the engines now in memory, least recently used first."""
-        return tuple(self._runners)
+        with self._lock:
+            return tuple(self._runners)
 
     @property
     def resident_bytes(self):
         """Memory the engines now in memory took at their loads (shared weights: with the first that needed them)."""
-        return sum(self.engine_bytes.get(rel, 0) for rel in self._runners)
+        with self._lock:
+            return sum(self.engine_bytes.get(rel, 0) for rel in self._runners)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -304,15 +355,30 @@ class VaeRuntime:
                 runner, reason = self._runner_for(entry, profile)
                 if runner is not None:
                     try:
-                        out = self._infer(runner, entry, x)
+                        out = self._infer(runner, entry, x, profile)
                     except Exception as err:  # foreign runtime: CUDA OOM, TensorRT errors, ...
-                        reason = f"running {entry.rel_path} failed: {one_line(err, with_type=True)}"
-                        self._failed[entry.rel_path] = reason
-                        self._release(entry.rel_path)
+                        reason = self._run_failed(entry, err)
                     else:
                         self.last_route[graph] = Route("engine", entry.rel_path, profile.index)
                         return out
             return self._fallback(graph, x, reason)
+
+    def _run_failed(self, entry, err):
+        """Why a call of `entry` that raised `err` is not served by it. Out of memory is transient (the call's own
+        buffers: they are freed as the error unwinds): the engine stays loaded and serves the next call. Any other
+        error marks the engine failed (never retried) and releases it."""
+        if isinstance(err, EngineUnavailableError):  # released by another thread, and loading it again failed
+            return str(err)
+        if _is_out_of_memory(err):
+            logger.info("running %s ran out of memory (it stays loaded): %s", entry.rel_path, one_line(err))
+            return (f"running {entry.rel_path} ran out of memory ({type(err).__name__}); "
+                    "it stays loaded for the next call")
+        reason = str(err) if isinstance(err, _ProfileError) else (
+            f"running {entry.rel_path} failed: {one_line(err, with_type=True)}")
+        with self._lock:
+            self._failed[entry.rel_path] = reason
+            self._release(entry.rel_path)
+        return reason
 
     def _check_input(self, graph, x):
         shape = tuple(x.shape)
@@ -351,31 +417,27 @@ class VaeRuntime:
         )
 
     def _runner_for(self, entry, profile):
-        """(active runner set to `profile`, None) or (None, reason); loads lazily within the memory budget."""
-        if entry.rel_path in self._failed:
-            return None, self._failed[entry.rel_path]
-        if not entry.path.is_file():
-            return None, f"engine file missing: {entry.path}"
-        reason = self._unavailable(entry)
-        if reason:
-            return None, f"{entry.backend} engines cannot run here: {reason}"
-        runner = self._runners.get(entry.rel_path)
-        if runner is None:
-            return self._load(entry, profile)
-        self._runners.move_to_end(entry.rel_path)
-        if self._runner_profile[entry.rel_path] != profile.index:
-            try:
-                runner.set_profile(profile.index)
-            except Exception as err:
-                reason = f"selecting profile {profile.index} of {entry.rel_path} failed: {one_line(err, with_type=True)}"
-                self._failed[entry.rel_path] = reason
-                self._release(entry.rel_path)
-                return None, reason
-            self._runner_profile[entry.rel_path] = profile.index
-        return runner, None
+        """(active runner, None) or (None, reason); loads lazily within the memory budget (loaded with `profile`;
+        `_infer` switches a resident runner's profile, under the engine's lock)."""
+        with self._lock:
+            while True:
+                if entry.rel_path in self._failed:
+                    return None, self._failed[entry.rel_path]
+                if not entry.path.is_file():
+                    return None, f"engine file missing: {entry.path}"
+                reason = self._unavailable(entry)
+                if reason:
+                    return None, f"{entry.backend} engines cannot run here: {reason}"
+                runner = self._runners.get(entry.rel_path)
+                if runner is not None:
+                    self._runners.move_to_end(entry.rel_path)
+                    return runner, None
+                if self._make_room(self.engine_bytes.get(entry.rel_path, entry.path.stat().st_size)):
+                    return self._load(entry, profile)
+                # Making room waited for other threads' calls, which may have loaded or failed this engine: look again.
 
     def _load(self, entry, profile):
-        self._make_room(self.engine_bytes.get(entry.rel_path, entry.path.stat().st_size))
+        """Activate one engine (the runtime's lock held, room made)."""
         try:
             runner, seconds, used = self._activate(entry, profile)
         except Exception as err:  # foreign runtime: CUDA OOM, deserialization errors, ...
@@ -386,7 +448,7 @@ class VaeRuntime:
             logger.info("out of memory loading %s: releasing %d engine(s) and trying again",
                         entry.rel_path, len(self._runners))
             self.release()
-            return self._load(entry, profile)
+            return self._runner_for(entry, profile)
         self._runners[entry.rel_path] = runner
         self._runner_profile[entry.rel_path] = profile.index
         self.load_seconds[entry.rel_path] = seconds
@@ -400,41 +462,63 @@ class VaeRuntime:
         import torch
 
         on_cuda = self.device.type == "cuda"
-        if on_cuda:
-            torch.cuda.synchronize(self.device)
-            free_before = torch.cuda.mem_get_info(self.device)[0]
-        start = time.perf_counter()
-        runner = self._runner_factory(entry.path, entry.backend, profile.index)
-        try:
-            runner.activate()
-        except BaseException:
-            if getattr(runner, "is_active", False):
-                runner.deactivate()
-            raise
-        if on_cuda:
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        if on_cuda:
-            used = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
-        else:
-            used = entry.path.stat().st_size
+        with self._cuda_work():
+            if on_cuda:
+                torch.cuda.synchronize(self.device)
+                free_before = torch.cuda.mem_get_info(self.device)[0]
+            start = time.perf_counter()
+            runner = self._runner_factory(entry.path, entry.backend, profile.index)
+            try:
+                runner.activate()
+            except BaseException:
+                if getattr(runner, "is_active", False):
+                    runner.deactivate()
+                raise
+            if on_cuda:
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+            if on_cuda:
+                used = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+            else:
+                used = entry.path.stat().st_size
         return runner, seconds, used
 
+    def _cuda_work(self):
+        """With CUDA graphs: the process's lock of packages' CUDA work, shared (a graph capture holds it exclusively:
+        `backends.inductor.load.CUDA_WORK`); otherwise nothing."""
+        if not self.cuda_graphs:
+            return nullcontext()
+        from vaebuild.backends.inductor.load import CUDA_WORK
+
+        return CUDA_WORK.shared()
+
     def _make_room(self, needed):
-        """Release least recently used engines until `needed` more bytes fit the memory budget."""
+        """Release least recently used engines (idle ones first) until `needed` more bytes fit the memory budget.
+
+        False if that waited for calls of other threads (the caller looks at what is loaded again), else True."""
         if self.memory_budget is None:
-            return
+            return True
         while self._runners and self.resident_bytes + needed > self.memory_budget:
-            oldest = next(iter(self._runners))
+            oldest = next((rel for rel in self._runners if not self._in_use[rel]), None) or next(iter(self._runners))
             logger.info("memory budget %d bytes: releasing %s", self.memory_budget, oldest)
-            self._release(oldest)
+            if self._release(oldest):
+                return False
+        return True
 
     def _release(self, rel_path):
-        runner = self._runners.pop(rel_path, None)
-        self._runner_profile.pop(rel_path, None)
-        if runner is not None:
-            runner.deactivate()
-            logger.info("released %s", rel_path)
+        """Deactivate one engine once no call uses it (calls of other threads finish first); True if it waited."""
+        with self._lock:
+            waited = False
+            while self._in_use[rel_path]:
+                waited = True
+                self._idle.wait()
+            runner = self._runners.pop(rel_path, None)
+            self._runner_profile.pop(rel_path, None)
+            self._engine_events.pop(rel_path, None)
+            if runner is not None:
+                runner.deactivate()
+                logger.info("released %s", rel_path)
+            return waited
 
     def _unavailable(self, entry):
         if entry.rel_path not in self._reasons:
@@ -450,32 +534,81 @@ class VaeRuntime:
             engine_path, entry.raw, profile_index, weights=self.weights, device=self.device, cuda_graphs=self.cuda_graphs
         )
 
-    def _infer(self, runner, entry, x):
-        import torch
+    def _infer(self, runner, entry, x, profile=None):
+        """The engine's output for `x` (a copy, in x's dtype), `runner` switched to `profile` (default: the first).
 
+        From many threads: the call holds the engine's lock (one call of an engine at a time, from the profile switch
+        to the copy of the outputs) and marks the engine in use, so it is not released under it. A runner released
+        by another thread since it was looked up is looked up (loaded) again; EngineUnavailableError if that fails."""
         from vaebuild.model.precision import get_precision
 
+        rel = entry.rel_path
+        profile = profile or entry.profiles[0]
         feed = x.to(device=self.device, dtype=get_precision(entry.precision).dtype).contiguous()
-        if feed.is_cuda and not get_backend(entry.backend).runs_on_caller_stream:
-            # The runner works on its own stream: make the input's producers finish first.
-            torch.cuda.current_stream(feed.device).synchronize()
-        outputs = runner.infer({entry.input_name: feed}, copy_outputs_to_host=False)
-        out = torch.as_tensor(outputs[entry.output_name])
-        # Runners may reuse their output buffers between calls: always return a copy.
-        return out.to(dtype=x.dtype, copy=True)
+        with self._lock:
+            if self._runners.get(rel) is not runner:
+                runner, reason = self._runner_for(entry, profile)
+                if runner is None:
+                    raise EngineUnavailableError(reason)
+            self._in_use[rel] += 1
+            lock = self._engine_locks.setdefault(rel, threading.Lock())
+        try:
+            with lock:
+                return self._call_engine(runner, entry, feed, profile, x.dtype)
+        finally:
+            with self._lock:
+                self._in_use[rel] -= 1
+                if not self._in_use[rel]:
+                    del self._in_use[rel]
+                self._idle.notify_all()
+
+    def _call_engine(self, runner, entry, feed, profile, dtype):
+        """One call of the engine on `feed` (on the device, in its precision; the engine's lock held): a copy of its
+        output in `dtype`."""
+        import torch
+
+        rel = entry.rel_path
+        if self._runner_profile.get(rel) != profile.index:
+            try:
+                runner.set_profile(profile.index)
+            except Exception as err:
+                raise _ProfileError(
+                    f"selecting profile {profile.index} of {rel} failed: {one_line(err, with_type=True)}") from None
+            self._runner_profile[rel] = profile.index
+        guard = getattr(runner, "call_guard", None)  # AOTInductor packages on CUDA: the process's CUDA graph captures
+        with guard(feed) if guard is not None else nullcontext():
+            stream = torch.cuda.current_stream(feed.device) if feed.is_cuda else None
+            if stream is not None:
+                done = self._engine_events.get(rel)
+                if done is not None:  # the previous call, maybe on another thread's stream, copied its outputs out
+                    stream.wait_event(done)
+                if not get_backend(entry.backend).runs_on_caller_stream:
+                    # The runner works on its own stream: make the input's producers finish first.
+                    stream.synchronize()
+            outputs = runner.infer({entry.input_name: feed}, copy_outputs_to_host=False)
+            # Runners may reuse their output buffers between calls (a CUDA graph's): always return a copy.
+            out = torch.as_tensor(outputs[entry.output_name]).to(dtype=dtype, copy=True)
+            if stream is not None:
+                self._engine_events.setdefault(rel, torch.cuda.Event()).record(stream)
+        return out
 
     # ------------------------------------------------------------------ PyTorch fallback
 
     def _fallback(self, graph, x, reason):
         if not self.allow_fallback:
             raise EngineUnavailableError(reason)
-        self.fallback_counts[reason] += 1
-        if reason not in self._warned:
-            self._warned.add(reason)
-            logger.warning("%s: using the PyTorch 2-D model instead of an engine: %s", graph, reason)
+        with self._lock:
+            self.fallback_counts[reason] += 1
+            if reason not in self._warned:
+                self._warned.add(reason)
+                logger.warning("%s: using the PyTorch 2-D model instead of an engine: %s", graph, reason)
         self.last_route[graph] = Route("pytorch", reason=reason)
         try:
-            return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
+            with self._cuda_work():
+                with self._fallback_lock:  # built by one thread, once
+                    if not self._fallback_model.loaded:
+                        self._fallback_model._graph(graph)
+                return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
         except Exception as err:
             if not _is_out_of_memory(err):
                 raise

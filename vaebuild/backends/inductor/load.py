@@ -5,13 +5,29 @@ process spends 34-60 s compiling and probing a test program for every CPU vector
 (measured on an H100 host; the direct loader takes ~32 ms). That also skips torch's own device check, so
 `InductorBackend.unavailable_reason` compares the manifest's torch version, CUDA version and compute capability
 with this process before anything is loaded.
+
+Threads: `PackageRunner.infer` serializes the calls of one package behind a Python lock. Without it, 8 threads
+calling one package hang for good: torch's binding of `AOTIModelPackageLoader.run` keeps the GIL for the whole
+native run, the loader's model container holds one model (`num_runners=1`), and a second caller waits for that
+model on a condition variable (`AOTInductorModelContainer::get_available_model` -> `reclaim_finished_models`,
+model_container.h) while holding the GIL, which the first caller needs back to run vaebuild's ops, whose kernels
+are Python functions called through the proxy executor (`vaebuild/kernels/attention.py`, `conv_norm.py`). Waiting
+on a Python lock instead releases the GIL. Different packages may run at once (each has its own container).
+
+Faults: a package whose size or sha256 differ from its manifest entry is refused before the native loader opens
+it: the loader checks no CRC, so a package with corrupted code kills the process with SIGSEGV, SIGILL or SIGTRAP
+(seen with bytes overwritten in the `.text` of the package's `wrapper.so`; bytes changed where nothing reads them
+went unnoticed).
 """
 
 import ctypes
+import hashlib
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from vaebuild.errors import UserInputError
@@ -32,6 +48,89 @@ def promote_libstdcxx():
         ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except OSError:  # torch linked the C++ runtime statically: nothing to promote
         pass
+
+
+class SharedExclusiveLock:
+    """Many holders in shared mode or one in exclusive mode (waiting exclusive holders go first).
+
+    A thread that holds it shared may take it shared again (nested); it must not ask for it exclusively.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = None  # the thread holding it exclusively
+        self._waiting = 0  # threads waiting to hold it exclusively
+        self._depth = threading.local()  # this thread's nesting of shared holds
+
+    @contextmanager
+    def shared(self):
+        depth = getattr(self._depth, "n", 0)
+        if depth or self._exclusive is threading.current_thread():
+            self._depth.n = depth + 1
+            try:
+                yield
+            finally:
+                self._depth.n = depth
+            return
+        with self._cond:
+            while self._exclusive is not None or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        self._depth.n = 1
+        try:
+            yield
+        finally:
+            self._depth.n = 0
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        if getattr(self._depth, "n", 0):
+            raise RuntimeError("a thread holding the lock shared asked for it exclusively (it would wait for itself)")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive is not None or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = threading.current_thread()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = None
+                self._cond.notify_all()
+
+
+# CUDA work of packages in this process: loads and calls hold it shared, a CUDA-graph capture (the first call of a
+# shape with cuda_graphs) exclusively, because torch captures in the "global" mode, in which another thread's
+# cudaMalloc, synchronisation or event query during the capture fails and invalidates the graph.
+CUDA_WORK = SharedExclusiveLock()
+
+
+def check_package(path, sha256=None, size_bytes=None):
+    """Raise UserInputError (one line) unless the file at `path` has the size and sha256 its manifest entry records.
+
+    Run before the native loader opens a package: it checks no CRC, and corrupted code can kill the process.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size_bytes is not None and size != size_bytes:
+        raise UserInputError(f"{path}: contents differ from the manifest ({size} bytes, it records {size_bytes}: "
+                             "truncated or replaced); rebuild the folder")
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            raise UserInputError(f"{path}: contents differ from the manifest's sha256 {sha256[:12]}... "
+                                 "(corrupt or replaced); rebuild the folder")
 
 
 def load_package(path, device, single_threaded=False):
@@ -89,7 +188,7 @@ def make_runner(engine_path, entry, weights, device, name=None, cuda_graphs=Fals
         Path(engine_path), torch.device(device or entry.get("device", "cpu")), get_precision(entry["precision"]).dtype,
         entry["input"], entry["output"], shape, weights if entry.get("weights") == "folder" else None, name,
         channels_last=entry.get("weight_layout") == "channels_last",  # absent: packages built before the field
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, sha256=entry.get("sha256"), size_bytes=entry.get("size_bytes"),
     )
 
 
@@ -104,10 +203,15 @@ class PackageRunner:
     `cuda_graphs=True` (CUDA only) loads the package single-threaded and replays its calls from one CUDA
     graph per input shape (`vaebuild.backends.inductor.cuda_graph.GraphedCall`): the first call of a shape captures, later
     ones only copy the input in; outputs are the graph's buffers, overwritten by the next call.
+
+    Threads: `infer` runs one call at a time (a lock: see the module doc); callers that read the outputs after
+    `infer` returns, as `VaeRuntime` does, serialize their own calls too (a graph's outputs are overwritten by the
+    next call) and hold `call_guard(x)` around each. `sha256` / `size_bytes` (the manifest entry's) are checked at
+    `activate`, before the native loader opens the file.
     """
 
     def __init__(self, engine_path, device, dtype, input_name, output_name, shape, weights, name=None,
-                 channels_last=False, cuda_graphs=False):
+                 channels_last=False, cuda_graphs=False, sha256=None, size_bytes=None):
         if cuda_graphs and device.type != "cuda":
             raise UserInputError(f"CUDA graphs need a CUDA device and {engine_path.name} runs on {device}; "
                                  "drop cuda_graphs (--cuda-graphs)")
@@ -116,8 +220,11 @@ class PackageRunner:
         self.weights = weights  # FolderWeights for a weight-free package, else None
         self.channels_last = channels_last  # the package takes 4-D weights channels-last
         self.cuda_graphs = cuda_graphs
+        self.sha256, self.size_bytes = sha256, size_bytes
         self.name = name or engine_path.name
+        self._lock = threading.Lock()  # one call of the package at a time
         self.loader = None
+        self._constants = None  # the weights a weight-free package points to
         self.call = None  # loader.run on one input, or its GraphedCall
         self.inference_time = None
 
@@ -131,16 +238,22 @@ class PackageRunner:
             raise UserInputError(f"package file not found: {self.engine_path}")
         from vaebuild.backends.inductor.cuda_graph import GraphedCall
 
-        loader = load_package(self.engine_path, self.device, single_threaded=self.cuda_graphs)
-        if self.weights is not None:
-            attach_weights(loader, self.weights.tensors(self.device, self.channels_last), self.engine_path)
+        check_package(self.engine_path, self.sha256, self.size_bytes)
+        with CUDA_WORK.shared() if self.device.type == "cuda" else nullcontext():
+            loader = load_package(self.engine_path, self.device, single_threaded=self.cuda_graphs)
+            constants = None
+            if self.weights is not None:
+                constants = self.weights.tensors(self.device, self.channels_last)
+                attach_weights(loader, constants, self.engine_path)
+        # The package keeps raw pointers to the weights (user-managed constants): hold them while it is active.
+        self._constants = constants
         self.loader = loader
         self.call = lambda x: loader.run([x])[0]  # noqa: E731
         if self.cuda_graphs:
             self.call = GraphedCall(self.call)
 
     def deactivate(self):
-        self.loader = self.call = None
+        self.loader = self.call = self._constants = None
 
     def __enter__(self):
         self.activate()
@@ -159,6 +272,23 @@ class PackageRunner:
     def set_profile(self, index):
         """Every profile of a package is served by the same code: nothing to switch."""
 
+    def will_capture(self, x):
+        """Whether a call on `x` captures a CUDA graph (the first call of its shape and dtype with cuda_graphs)."""
+        from vaebuild.backends.inductor.cuda_graph import GraphedCall
+
+        call = self.call
+        if not isinstance(call, GraphedCall):
+            return False
+        shape = tuple(x.shape)
+        return not any(key[0] == shape and key[1] == self.dtype for key in list(call._graphs))
+
+    def call_guard(self, x):
+        """What to hold around a call on `x` and the reading of its outputs, for threads: on CUDA, `CUDA_WORK` shared,
+        or exclusive when the call captures a graph; on a CPU nothing."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return CUDA_WORK.exclusive() if self.will_capture(x) else CUDA_WORK.shared()
+
     def infer(self, feed_dict, check_inputs=True, copy_outputs_to_host=True):
         """{output name: tensor} for {input name: tensor}; outputs stay on the device unless copied."""
         import torch
@@ -167,10 +297,14 @@ class PackageRunner:
         if check_inputs and (x.dtype != self.dtype or not _shape_fits(tuple(x.shape), self.shape)):
             raise UserInputError(f"{self.name} takes {self.dtype} {self.shape}, got {x.dtype} {list(x.shape)}")
         x = x.to(device=self.device, dtype=self.dtype).contiguous()
-        start = time.perf_counter()
-        out = self.call(x)
-        self.inference_time = time.perf_counter() - start
-        return OrderedDict([(self.output_name, out.cpu() if copy_outputs_to_host else out)])
+        with self._lock:  # see the module doc: never two threads in one package's run
+            call = self.call
+            if call is None:
+                raise UserInputError(f"{self.name} is not active (released); activate it again")
+            start = time.perf_counter()
+            out = call(x)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict([(self.output_name, out.cpu() if copy_outputs_to_host else out)])
 
     def last_inference_time(self):
         return self.inference_time
