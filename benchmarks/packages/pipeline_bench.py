@@ -42,13 +42,15 @@ def parse_args():
     parser.add_argument("--t2i-sizes", default=T2I_SIZES, help="comma-separated WxH sizes of the t2i-decode rows")
     parser.add_argument("--photo-size", default="4032x3024", help="WxH of the edit pipeline's input photo")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random VAE weights (match the engines')")
+    parser.add_argument("--model", help="a VAE or pipeline folder instead of the random weights (as the engines')")
+    parser.add_argument("--device", default="cuda", help="cuda (what the figures are for) or cpu (a smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     return parser.parse_args()
 
 
-def make_pipelines(vae, device):
-    """(QwenImagePipeline, QwenImageEditPipeline) in bf16 sharing `vae` and a one-layer random transformer."""
+def make_pipelines(vae, device, dtype):
+    """(QwenImagePipeline, QwenImageEditPipeline) in `dtype` sharing `vae` and a one-layer random transformer."""
     from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImagePipeline,
                            QwenImageTransformer2DModel)
 
@@ -58,8 +60,8 @@ def make_pipelines(vae, device):
                                               num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
     common = dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                   transformer=transformer)
-    t2i = QwenImagePipeline(**common).to(device, torch.bfloat16)
-    edit = QwenImageEditPipeline(**common, processor=None).to(device, torch.bfloat16)
+    t2i = QwenImagePipeline(**common).to(device, dtype)
+    edit = QwenImageEditPipeline(**common, processor=None).to(device, dtype)
     return t2i, edit
 
 
@@ -91,16 +93,21 @@ def encode_step(pipe, photo):
     return (latents - mean) * inv_std
 
 
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, warmup, runs):
     """(median ms, last output) of `fn()` by wall clock, synchronizing the GPU before each start."""
     for _ in range(warmup):
         out = fn()
     times = []
     for _ in range(runs):
-        torch.cuda.synchronize()
+        _synchronize()
         start = time.perf_counter()
         out = fn()
-        torch.cuda.synchronize()
+        _synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), out
 
@@ -113,14 +120,15 @@ def pil_difference(a, b):
 def measure(t2i, edit, sizes, photo, args):
     """{step/size: (ms, output)} for the pipelines as they are now configured."""
     results = {}
-    generator = torch.Generator("cuda").manual_seed(0)
+    device, dtype = t2i.vae.device, t2i.vae.dtype
+    generator = torch.Generator(device).manual_seed(0)
     for width, height in sizes:
-        packed = torch.randn(1, (height // 16) * (width // 16), 64, device="cuda", dtype=torch.bfloat16,
+        packed = torch.randn(1, (height // 16) * (width // 16), 4 * t2i.vae.config.z_dim, device=device, dtype=dtype,
                              generator=generator)
         results[("t2i-decode", width, height)] = timed(lambda: decode_step(t2i, packed, height, width),
                                                        args.warmup, args.runs)
     width, height = sizes[0]
-    latents = torch.randn(1, t2i.vae.config.z_dim, 1, height // 8, width // 8, device="cuda", dtype=torch.bfloat16,
+    latents = torch.randn(1, t2i.vae.config.z_dim, 1, height // 8, width // 8, device=device, dtype=dtype,
                           generator=generator)
     decoded = t2i.vae.decode(latents, return_dict=False)[0][:, :, 0]
     results[("postprocess", width, height)] = timed(lambda: t2i.image_processor.postprocess(decoded, output_type="pil"),
@@ -128,7 +136,8 @@ def measure(t2i, edit, sizes, photo, args):
     ms, encoded = timed(lambda: encode_step(edit, photo), args.warmup, args.runs)
     ew, eh = encoded.shape[-1] * 8, encoded.shape[-2] * 8
     results[("edit-encode", ew, eh)] = (ms, [encoded])
-    packed = torch.randn(1, (eh // 16) * (ew // 16), 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    packed = torch.randn(1, (eh // 16) * (ew // 16), 4 * t2i.vae.config.z_dim, device=device, dtype=dtype,
+                         generator=generator)
     results[("edit-decode", ew, eh)] = timed(lambda: decode_step(edit, packed, eh, ew), args.warmup, args.runs)
     return results
 
@@ -137,7 +146,7 @@ def render_markdown(result):
     lines = [
         f"# Qwen-Image pipelines' VAE steps: stock diffusers vs `vaebuild.use_engines`, {result['device']['name']}",
         "",
-        f"bf16, batch 1, full-size VAE with random weights (seed {result['seed']}), diffusers "
+        f"{result['dtype']}, batch 1, VAE: {result['model']}, diffusers "
         f"{result['versions']['diffusers']}, torch {result['versions']['torch']}. Wall clock per call with "
         f"synchronization, median of {result['runs']} after {result['warmup']} warm-up, one process. Input photo "
         f"{result['photo_size']} (WxH). `max diff`: largest difference between the two paths' outputs (uint8 levels "
@@ -155,8 +164,8 @@ def render_markdown(result):
 
 def main():
     args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU; none is visible")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test); none is visible")
     from PIL import Image
 
     import vaebuild
@@ -164,12 +173,15 @@ def main():
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.t2i_sizes.split(",")]
     pw, ph = (int(v) for v in args.photo_size.lower().split("x"))
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (ph, pw, 3), dtype=np.uint8))
-    vae = load_vae(ModelSource(random_init=True, seed=args.seed)).to("cuda", torch.bfloat16)
-    t2i, edit = make_pipelines(vae, torch.device("cuda"))
-    stock = measure(t2i, edit, sizes, photo, args)
-    for pipe in (t2i, edit):
-        vaebuild.use_engines(pipe, args.engines, allow_fallback=False)
-    engines = measure(t2i, edit, sizes, photo, args)
+    source = ModelSource(model=args.model) if args.model else ModelSource(random_init=True, seed=args.seed)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    vae = load_vae(source).to(args.device, dtype)
+    t2i, edit = make_pipelines(vae, torch.device(args.device), dtype)
+    with torch.no_grad():  # as the pipelines' __call__ runs
+        stock = measure(t2i, edit, sizes, photo, args)
+        for pipe in (t2i, edit):
+            vaebuild.use_engines(pipe, args.engines, allow_fallback=False)
+        engines = measure(t2i, edit, sizes, photo, args)
     rows = []
     for key, (stock_ms, stock_out) in stock.items():
         engines_ms, engines_out = engines[key]
@@ -182,9 +194,11 @@ def main():
         print(f"{key[0]} {key[1]}x{key[2]}: stock {stock_ms:.2f} ms, engines {engines_ms:.2f} ms, max diff {diff}")
     result = {
         "benchmark": "vaebuild pipeline bench",
-        "device": device_info(torch.device("cuda")),
+        "device": device_info(torch.device(args.device)),
         "versions": package_versions(),
         "seed": args.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": args.model or f"the full-size Qwen-Image VAE with random weights (seed {args.seed})",
         "engines": str(args.engines),
         "photo_size": args.photo_size,
         "gpu_resize": getattr(edit.image_processor, "resizes_on_device", False),

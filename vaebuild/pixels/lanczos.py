@@ -20,6 +20,7 @@ only the integer accumulation runs on the device, exact on any device.
 
 import functools
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -178,10 +179,15 @@ def resize_pil_lanczos(image, size, device):
 
     if image.mode not in MODES:
         raise ValueError(f"resize_pil_lanczos takes RGB or L images, not mode {image.mode!r}")
-    array = np.array(image)  # a writable copy for torch.from_numpy
+    # np.asarray: Pillow's unpacking of its 4-byte pixels is most of the cost (45 ms for a 12 MP photo on an H200 host,
+    # 54 with np.array's extra copy; benchmarks/results/h200/edit_input_profile.md). Read-only: copied by the upload.
+    array = np.asarray(image)
     if image.mode == "L":
         array = array[:, :, None]
-    out = resize_lanczos(torch.from_numpy(array).to(device), size).cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch.from_numpy of a read-only array: never written here
+        pixels = torch.from_numpy(array)
+    out = resize_lanczos(pixels.to(device), size).cpu().numpy()
     if image.mode == "L":
         out = out[:, :, 0]
     return Image.fromarray(np.ascontiguousarray(out))

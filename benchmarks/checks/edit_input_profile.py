@@ -1,0 +1,76 @@
+"""Where the edit pipelines' input conversion spends its time on a GPU: a PIL photo -> resized -> device tensor.
+
+    python benchmarks/checks/edit_input_profile.py [--photo-size 4032x3024] [--size 1184x896]
+
+Times (wall clock with synchronization, median of 10 after 2) each stage of `EngineImageProcessor`'s resize and
+preprocess of an RGB photo: PIL -> numpy, the upload, the Pillow-exact LANCZOS resize on the device, the download,
+`Image.fromarray`, and alternatives for the first two (the raw RGBX bytes; a pinned staging buffer). Prints a table.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vaebuild.pixels.lanczos import resize_lanczos  # noqa: E402
+
+
+def timed(fn, runs=10, warmup=2):
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photo-size", default="4032x3024")
+    parser.add_argument("--size", default="1184x896")
+    args = parser.parse_args()
+    pw, ph = (int(v) for v in args.photo_size.split("x"))
+    w, h = (int(v) for v in args.size.split("x"))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (ph, pw, 3), dtype=np.uint8))
+    rows = []
+    ms, array = timed(lambda: np.array(photo))
+    rows.append(("np.array(PIL RGB photo)", ms))
+    ms, raw = timed(lambda: np.frombuffer(photo.tobytes("raw", "RGBX"), np.uint8))
+    rows.append(("PIL tobytes('raw', 'RGBX')", ms))
+    ms, _ = timed(lambda: np.asarray(photo))
+    rows.append(("np.asarray(PIL RGB photo)", ms))
+    ms, dev = timed(lambda: torch.from_numpy(array).to("cuda"))
+    rows.append(("upload uint8 RGB, pageable", ms))
+    pinned = torch.empty(array.shape, dtype=torch.uint8).pin_memory()
+    ms, _ = timed(lambda: (pinned.numpy().__setitem__(Ellipsis, array), pinned.to("cuda", non_blocking=True))[1])
+    rows.append(("copy into pinned + upload", ms))
+    ms, dev_raw = timed(lambda: torch.from_numpy(raw.copy()).to("cuda").view(ph, pw, 4)[:, :, :3])
+    rows.append(("upload RGBX bytes (with copy), drop X on the device", ms))
+    ms, small = timed(lambda: resize_lanczos(dev, (w, h)))
+    rows.append(("resize_lanczos on the device", ms))
+    ms, host = timed(lambda: small.cpu().numpy())
+    rows.append(("download the resized image", ms))
+    ms, _ = timed(lambda: Image.fromarray(host))
+    rows.append(("Image.fromarray(resized)", ms))
+    ms, _ = timed(lambda: photo.resize((w, h), Image.LANCZOS), runs=3, warmup=1)
+    rows.append(("Pillow's resize (CPU), for reference", ms))
+    assert torch.equal(dev_raw, dev)
+    print(f"# Edit input stages, {args.photo_size} photo -> {args.size}, {torch.cuda.get_device_name()}")
+    print("| stage | median ms |\n|---|---:|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
