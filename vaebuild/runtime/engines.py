@@ -1,59 +1,10 @@
 """`VaeRuntime`: encode and decode through vaebuild's engines, exact PyTorch 2-D model as fallback.
 
-It serves every folder `vaebuild static` and `vaebuild multiprofile` write, whatever the backend
-(TensorRT / TensorRT-RTX engines, AOTInductor packages): each engine is loaded and run through its
-backend (`vaebuild.backends`), which this module never branches on. It accepts the config shape
-LightX2V uses: `{"trt_engine_path": DIR, "multi_profile": bool}` (also nested as
-`{"trt_vae_config": {...}}`). DIR must hold the `manifest.json` vaebuild writes: it says which
-engine serves which shape, its tensor names, precision and backend.
-
-I/O contract (the engines'; the fallback returns the same):
-    encode(images [B, 3, 1, H, W] in [-1, 1]) -> moments [B, 2z, 1, H/8, W/8] = quant_conv(encoder(images));
-        the posterior mean is the first z channels (`encode_mean`, what LightX2V keeps), the rest is logvar.
-    decode(latents [B, z, 1, h, w], already de-normalized) -> images [B, 3, 1, 8h, 8w], clamped to [-1, 1].
-Outputs have the input's dtype; engines run in their own precision (the input is cast to it).
-
-Static mode: an engine pair serves one exact image size. Multi-profile mode: among the profiles whose
-min..max range contains the input shape, the one whose opt (height, width) is nearest by L1 distance;
-ties go to the lowest profile index. A profile that does not contain the shape is never chosen
-(LightX2V's choice does not check this); a shape no profile contains falls back to PyTorch.
-
-Residency: `resident="all"` (the default for folders of AOTInductor packages) loads every engine when
-the runtime is created, so switching resolutions costs nothing; `"lazy"` (the default otherwise)
-loads an engine on its first use. Either way `memory_budget` (bytes, None: no limit) bounds what stays
-loaded: before a load, the least recently used engines are released until the new one fits (each
-engine's size is measured at its load: the CUDA free-memory drop, on a CPU the file size). A load that
-runs out of memory releases every other engine and is tried once more. `load_seconds` and
-`engine_bytes` record each load.
-
-Shared weights: weight-free packages (inductor builds without `--embed-weights`) take their constants
-from the folder's `weights.safetensors`, loaded to the device once (hash checked against the manifest)
-and handed to every package without a copy. `weights=PATH` uses another checkpoint of the same
-architecture instead (e.g. a fine-tune written by `weights_file.write_weights_file`): tensor names,
-shapes and dtypes are checked; what `vaebuild verify` verified was the folder's own weights.
-
-Fallback: the single-frame 2-D PyTorch model (`graphs.build_graphs`, exact for one frame) whenever an
-engine cannot serve a call: no engine for the size or shape, the engine file is missing, the backend
-is not installed or cannot run here (its `unavailable_reason`: e.g. TensorRT-RTX on Hopper, a package
-compiled for another GPU or torch), or loading, activating or running the engine failed (e.g. CUDA
-out of memory). Each distinct reason is logged once as a warning on the `vaebuild.runtime` logger;
-`fallback_counts` counts calls per reason. An engine that failed to load or run is not retried, except
-after running out of memory during a call: that is transient (the call's own buffers), so that call falls
-back (or raises EngineUnavailableError) and the engine stays loaded and serves the next call. The
-fallback model is `fallback_vae` if given, else loaded on first need from the manifest's model source.
-
-Engines are created through `runner_factory(engine_path, backend, profile_index)`, by default the
-backend's `load_runner` (a Polygraphy runner: activate / infer / set_profile / deactivate); tests
-pass a fake.
-
-Threads: one runtime may be called from many threads at once (with or without CUDA graphs). Calls of one
-engine run one at a time (a lock per engine, held from the profile switch to the copy of its outputs, so a CUDA
-graph of a shape is never captured or replayed by two threads at once); calls of different engines may overlap;
-loading, LRU release, failure records, `fallback_counts`, the warnings and the lazy build of the fallback model
-are guarded by one lock of the runtime, and an engine is released only once no call is using it. Outputs equal
-those of the same calls made one after another. `last_route[graph]` is the most recent call's in any thread;
-`thread_route(graph)` the calling thread's. Throughput: an AOTInductor package's run keeps the GIL (torch's
-binding), so threads overlap only on the GPU and in the ops that release it (`docs/runtime.md`).
+It serves every folder `vaebuild static` and `vaebuild multiprofile` write, whatever the backend: each engine is
+loaded and run through its backend (`vaebuild.backends`), which this module never branches on; `folder` reads the
+manifest and chooses profiles, `fallback` builds the PyTorch model, `tiling` runs exact tiles. The I/O contract
+(LightX2V's), dispatch, residency under a memory budget, shared weights, CUDA graphs, the fallback's reasons and
+the thread guarantees are documented in docs/runtime.md; each method's docstring says its part.
 """
 
 import logging
@@ -217,7 +168,6 @@ class VaeRuntime:
         self._in_use = Counter()  # rel_path -> calls now using its runner (it is released only at 0)
         self._engine_locks = {rel: threading.Lock() for rel in self._by_path}  # one call of an engine at a time
         self._engine_events = {}  # rel_path -> CUDA event recorded after its last call's outputs were copied
-        self._fallback_lock = threading.Lock()  # the fallback model is built once
         from vaebuild.runtime.tiling import TileRouter
 
         self.tiles = TileRouter(self, tiling)  # exact tiles (vaebuild.runtime.tiling): tiling=True, False or "auto"
@@ -605,9 +555,6 @@ class VaeRuntime:
         self.last_route[graph] = Route("pytorch", reason=reason)
         try:
             with self._cuda_work():
-                with self._fallback_lock:  # built by one thread, once
-                    if not self._fallback_model.loaded:
-                        self._fallback_model._graph(graph)
                 return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
         except Exception as err:
             if not _is_out_of_memory(err):

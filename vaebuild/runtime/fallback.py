@@ -1,6 +1,7 @@
 """The runtime's PyTorch fallback: the exact single-frame 2-D model, built on first need."""
 
 import logging
+import threading
 
 from vaebuild.errors import UserInputError
 from vaebuild.manifest import MANIFEST_NAME
@@ -18,6 +19,7 @@ class FallbackModel:
         self.device = device
         self.dtype = dtype
         self._graphs = None
+        self._lock = threading.Lock()  # built by one thread, once
 
     @property
     def loaded(self):
@@ -26,20 +28,25 @@ class FallbackModel:
 
     def __call__(self, graph, x):
         """The `graph` ("encoder" or "decoder") output for `x`, already on the device and in the dtype."""
-        return self._graph(graph)(x)
+        return self.graph(graph)(x)
 
-    def _graph(self, graph):
-        if self._graphs is None:
-            from vaebuild.model.graphs import build_graphs
-
-            vae = self._vae if self._vae is not None else self._load_manifest_model()
-            encoder, decoder = build_graphs(vae, fold=True, fast_attention=True, fused_norms=True)
-            self._graphs = {
-                "encoder": encoder.to(device=self.device, dtype=self.dtype),
-                "decoder": decoder.to(device=self.device, dtype=self.dtype),
-            }
-            self._vae = None  # the folded copies are all the fallback needs
+    def graph(self, graph):
+        """The folded 2-D `graph` module ("encoder" or "decoder"), built on first need (once, from any thread)."""
+        with self._lock:
+            if self._graphs is None:
+                self._build()
         return self._graphs[graph]
+
+    def _build(self):
+        from vaebuild.model.graphs import build_graphs
+
+        vae = self._vae if self._vae is not None else self._load_manifest_model()
+        encoder, decoder = build_graphs(vae, fold=True, fast_attention=True, fused_norms=True)
+        self._graphs = {
+            "encoder": encoder.to(device=self.device, dtype=self.dtype),
+            "decoder": decoder.to(device=self.device, dtype=self.dtype),
+        }
+        self._vae = None  # the folded copies are all the fallback needs
 
     def _load_manifest_model(self):
         from vaebuild.model.source import ModelSource, load_vae, weights_sha256

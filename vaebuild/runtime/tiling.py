@@ -174,6 +174,6 @@ class TileRouter:
 
         if self._modules is None:
             fallback = self.runtime._fallback_model
-            graphs = {"decoder": fallback._graph("decoder"), "encoder": fallback._graph("encoder")}
+            graphs = {"decoder": fallback.graph("decoder"), "encoder": fallback.graph("encoder")}
             self._modules = {n: TILE_MODULES[n](graphs[n.split("_")[0]]).eval() for n in TILE_GRAPHS}
         return self._modules[name]
