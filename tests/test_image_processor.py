@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from vaebuild.pixels.convert import HostTransfer, denormalize, images_to_uint8, uint8_to_images, unit_to_uint8
+from vaebuild.pixels import pil
+from vaebuild.pixels.convert import denormalize, images_to_uint8, rgb_to_rgbx, uint8_to_images, unit_to_uint8
 from vaebuild.runtime.image_processor import EngineImageProcessor
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -289,24 +290,60 @@ def test_engine_processor_is_a_vae_image_processor():
     assert EngineImageProcessor.from_processor(mask).config == mask.config
 
 
-# the host transfer
+# PIL <-> pixels (vaebuild.pixels.pil)
 
-def test_host_transfer_reuses_its_buffer_without_aliasing():
-    transfer = HostTransfer(pin_memory=False)
-    small = torch.arange(24, dtype=torch.uint8).view(2, 3, 4)
-    large = torch.arange(200, dtype=torch.uint8).view(2, 10, 10)
-    first = transfer.staged(small)
-    assert transfer.capacity == 24
-    second = transfer.staged(large)
-    assert transfer.capacity == 200
-    third = transfer.staged(small + 1)
-    assert transfer.capacity == 200  # reused, not regrown
-    assert np.array_equal(first, small.numpy()) and first.shape == (2, 3, 4)
-    assert np.array_equal(second, large.numpy()) and np.array_equal(third, (small + 1).numpy())
-    buffer = transfer._buffer.numpy()
-    for result in (first, second, third):
-        assert result.flags.owndata and not np.shares_memory(result, buffer)
-    floats = torch.randn(3, 5)
-    assert np.array_equal(transfer.staged(floats), floats.numpy())
-    assert np.array_equal(transfer.staged(floats.t()), floats.t().numpy())  # non-contiguous input
-    assert np.array_equal(transfer.to_numpy(small), small.numpy())  # CPU tensors: plain .cpu()
+def random_image(mode, width, height, seed=0):
+    channels = pil.PACKED_MODES.get(mode, 1)
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return PIL.Image.fromarray(pixels, mode="L" if channels == 1 else None).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (1031, 1021), (2053, 517)])  # the last two: parallel strips
+def test_read_pixels_is_np_asarray(mode, size):
+    image = random_image(mode, *size)
+    expected = np.asarray(image)
+    got = pil.read_pixels(image)
+    assert got.shape == expected.shape == pil.pixel_shape(image) and np.array_equal(got, expected)
+    out = np.zeros_like(expected)
+    assert pil.read_pixels(image, out) is out and np.array_equal(out, expected)
+
+
+def test_read_pixels_of_other_modes_and_bad_out():
+    image = random_image("RGB", 9, 4).convert("P")
+    assert np.array_equal(pil.read_pixels(image), np.asarray(image))
+    with pytest.raises(ValueError, match="C-contiguous uint8 of shape"):
+        pil.read_pixels(random_image("RGB", 9, 4), np.zeros((4, 9, 4), np.uint8))
+
+
+def test_rgb_images_from_rgbx_share_the_buffer_and_are_plain_rgb():
+    rgb = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8))
+    rgbx = rgb_to_rgbx(rgb)
+    assert rgbx.shape == (2, 5, 7, 4) and bool((rgbx[..., 3] == 255).all()) and torch.equal(rgbx[..., :3], rgb)
+    buffer = rgbx.numpy()
+    images = pil.rgb_images_from_rgbx(buffer)
+    for image, expected in zip(images, rgb.numpy()):
+        reference = PIL.Image.fromarray(expected)
+        assert (image.mode, image.size) == ("RGB", (7, 5)) and image.tobytes() == reference.tobytes()
+        assert np.array_equal(np.asarray(image), expected)
+        assert image.convert("RGBA").tobytes() == reference.convert("RGBA").tobytes()
+    images[1].putpixel((0, 0), (1, 2, 3))  # writable, in its own part of the buffer
+    assert tuple(buffer[1, 0, 0, :3]) == (1, 2, 3) and np.array_equal(np.asarray(images[0]), rgb.numpy()[0])
+    images[0].load()[6, 4] = (4, 5, 6)
+    assert images[0].getpixel((6, 4)) == (4, 5, 6)
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        pil.rgb_images_from_rgbx(buffer[..., :3])
+
+
+def test_upload_pixels_and_to_pil_images_round_trip():
+    images = [random_image("RGB", 11, 6, seed) for seed in range(3)]
+    pixels = pil.upload_pixels(images)
+    assert pixels.shape == (3, 6, 11, 3) and pixels.dtype == torch.uint8
+    assert np.array_equal(pixels.numpy(), np.stack([np.asarray(i) for i in images]))
+    assert_same_pil(images, pil.to_pil_images(pixels))
+    gray = [random_image("L", 4, 3)]
+    assert pil.upload_pixels(gray).shape == (1, 3, 4, 1)
+    assert_same_pil(gray, pil.to_pil_images(pil.upload_pixels(gray)))
+    with pytest.raises(ValueError, match="one mode of"):
+        pil.upload_pixels([images[0], gray[0]])

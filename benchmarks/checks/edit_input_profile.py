@@ -3,8 +3,9 @@
     python benchmarks/checks/edit_input_profile.py [--photo-size 4032x3024] [--size 1184x896]
 
 Times (wall clock with synchronization, median of 10 after 2) each stage of `EngineImageProcessor`'s resize and
-preprocess of an RGB photo: PIL -> numpy, the upload, the Pillow-exact LANCZOS resize on the device, the download,
-`Image.fromarray`, and alternatives for the first two (the raw RGBX bytes; a pinned staging buffer). Prints a table.
+preprocess of an RGB photo: PIL -> numpy (`np.asarray` against `vaebuild.pixels.pil.read_pixels`' parallel strips),
+the upload (pageable against pinned), the Pillow-exact LANCZOS resize on the device, the way back to PIL
+(`.cpu()` + `Image.fromarray` against `to_pil_images`), and the whole `resize_pil_lanczos`. Prints a table.
 """
 
 import argparse
@@ -19,7 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vaebuild.pixels.lanczos import resize_lanczos  # noqa: E402
+from vaebuild.pixels.lanczos import resize_lanczos, resize_pil_lanczos  # noqa: E402
+from vaebuild.pixels.pil import THREADS, read_pixels, to_pil_images, upload_pixels  # noqa: E402
 
 
 def timed(fn, runs=10, warmup=2):
@@ -44,28 +46,30 @@ def main():
     w, h = (int(v) for v in args.size.split("x"))
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (ph, pw, 3), dtype=np.uint8))
     rows = []
-    ms, array = timed(lambda: np.array(photo))
-    rows.append(("np.array(PIL RGB photo)", ms))
-    ms, raw = timed(lambda: np.frombuffer(photo.tobytes("raw", "RGBX"), np.uint8))
-    rows.append(("PIL tobytes('raw', 'RGBX')", ms))
-    ms, _ = timed(lambda: np.asarray(photo))
+    ms, array = timed(lambda: np.asarray(photo))
     rows.append(("np.asarray(PIL RGB photo)", ms))
-    ms, dev = timed(lambda: torch.from_numpy(array).to("cuda"))
-    rows.append(("upload uint8 RGB, pageable", ms))
-    pinned = torch.empty(array.shape, dtype=torch.uint8).pin_memory()
-    ms, _ = timed(lambda: (pinned.numpy().__setitem__(Ellipsis, array), pinned.to("cuda", non_blocking=True))[1])
-    rows.append(("copy into pinned + upload", ms))
-    ms, dev_raw = timed(lambda: torch.from_numpy(raw.copy()).to("cuda").view(ph, pw, 4)[:, :, :3])
-    rows.append(("upload RGBX bytes (with copy), drop X on the device", ms))
+    ms, _ = timed(lambda: read_pixels(photo))
+    rows.append((f"read_pixels(photo), {THREADS} threads", ms))
+    pinned = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
+    ms, _ = timed(lambda: read_pixels(photo, pinned.numpy()))
+    rows.append(("read_pixels(photo) into a pinned buffer", ms))
+    ms, dev = timed(lambda: torch.from_numpy(array.copy()).to("cuda"))
+    rows.append(("upload uint8 RGB, pageable (with a copy)", ms))
+    ms, _ = timed(lambda: pinned.to("cuda", non_blocking=True))
+    rows.append(("upload uint8 RGB, pinned", ms))
+    ms, uploaded = timed(lambda: upload_pixels([photo], "cuda"))
+    rows.append(("upload_pixels([photo]): read + pinned upload", ms))
     ms, small = timed(lambda: resize_lanczos(dev, (w, h)))
     rows.append(("resize_lanczos on the device", ms))
-    ms, host = timed(lambda: small.cpu().numpy())
-    rows.append(("download the resized image", ms))
-    ms, _ = timed(lambda: Image.fromarray(host))
-    rows.append(("Image.fromarray(resized)", ms))
-    ms, _ = timed(lambda: photo.resize((w, h), Image.LANCZOS), runs=3, warmup=1)
+    ms, _ = timed(lambda: Image.fromarray(small.cpu().numpy()))
+    rows.append(("resized to PIL: .cpu() + Image.fromarray", ms))
+    ms, _ = timed(lambda: to_pil_images(small[None]))
+    rows.append(("resized to PIL: to_pil_images", ms))
+    ms, resized = timed(lambda: resize_pil_lanczos(photo, (w, h), "cuda"))
+    rows.append(("resize_pil_lanczos(photo): all of the above", ms))
+    ms, expected = timed(lambda: photo.resize((w, h), Image.LANCZOS), runs=3, warmup=1)
     rows.append(("Pillow's resize (CPU), for reference", ms))
-    assert torch.equal(dev_raw, dev)
+    assert torch.equal(uploaded[0], dev) and resized.tobytes() == expected.tobytes()
     print(f"# Edit input stages, {args.photo_size} photo -> {args.size}, {torch.cuda.get_device_name()}")
     print("| stage | median ms |\n|---|---:|")
     for name, ms in rows:

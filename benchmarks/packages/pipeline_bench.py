@@ -8,6 +8,7 @@ own `vae` and `image_processor`):
   `image_processor.postprocess(output_type="pil")` -> a list of PIL images;
 - `edit-encode` (QwenImageEditPipeline): a --photo-size RGB PIL photo -> `calculate_dimensions(1024*1024, w/h)`,
   `image_processor.resize` (Pillow's LANCZOS), `preprocess`, `vae.encode` (argmax), normalize -> latents;
+- `edit-encode-resized`: the same after the resize (Pillow's, done once beforehand): preprocess, encode, normalize;
 - `edit-decode`: latents at that size -> PIL, as `t2i-decode`;
 - `postprocess` (at the largest T2I size): `image_processor.postprocess(decoded, "pil")` alone.
 The pipelines have a tiny random transformer (unused by these steps) and the full-size Qwen-Image VAE with seeded
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from vaebuild.env import device_info, package_versions  # noqa: E402
 from vaebuild.fileio import write_json, write_text  # noqa: E402
@@ -82,10 +84,21 @@ def decode_step(pipe, packed, height, width):
 
 def encode_step(pipe, photo):
     """QwenImageEditPipeline.__call__'s image encoding: a PIL photo -> normalized latents `[1, z, 1, h, w]`."""
+    width, height = edit_size(photo)
+    return encode_resized(pipe, pipe.image_processor.resize(photo, height, width))
+
+
+def edit_size(photo):
+    """(width, height) the edit pipelines resize `photo` to."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
     width, height, _ = calculate_dimensions(1024 * 1024, photo.size[0] / photo.size[1])
-    image = pipe.image_processor.resize(photo, height, width)
+    return width, height
+
+
+def encode_resized(pipe, image):
+    """The rest of the edit pipelines' encoding, after the resize: preprocess, `vae.encode` (argmax), normalize."""
+    width, height = image.size
     image = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
     image = image.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
     latents = pipe.vae.encode(image).latent_dist.mode()
@@ -134,8 +147,11 @@ def measure(t2i, edit, sizes, photo, args):
     results[("postprocess", width, height)] = timed(lambda: t2i.image_processor.postprocess(decoded, output_type="pil"),
                                                     args.warmup, args.runs)
     ms, encoded = timed(lambda: encode_step(edit, photo), args.warmup, args.runs)
-    ew, eh = encoded.shape[-1] * 8, encoded.shape[-2] * 8
+    ew, eh = edit_size(photo)
     results[("edit-encode", ew, eh)] = (ms, [encoded])
+    resized = photo.resize((ew, eh), Image.LANCZOS)  # Pillow's, the same input for both paths
+    ms, encoded = timed(lambda: encode_resized(edit, resized), args.warmup, args.runs)
+    results[("edit-encode-resized", ew, eh)] = (ms, [encoded])
     packed = torch.randn(1, (eh // 16) * (ew // 16), 4 * t2i.vae.config.z_dim, device=device, dtype=dtype,
                          generator=generator)
     results[("edit-decode", ew, eh)] = timed(lambda: decode_step(edit, packed, eh, ew), args.warmup, args.runs)
@@ -166,7 +182,6 @@ def main():
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test); none is visible")
-    from PIL import Image
 
     import vaebuild
 
@@ -185,7 +200,7 @@ def main():
     rows = []
     for key, (stock_ms, stock_out) in stock.items():
         engines_ms, engines_out = engines[key]
-        if key[0] == "edit-encode":
+        if key[0].startswith("edit-encode"):
             diff = (stock_out[0].float() - engines_out[0].float()).abs().max().item()
         else:
             diff = pil_difference(stock_out, engines_out)

@@ -6,9 +6,10 @@ Compiles a package of the decoder graph followed by `vaebuild.pixels.convert.ima
 postprocess arithmetic, traced into the graph so inductor can fuse it with the final clamp), from the same random
 weights as DIR's packages (`--random-init`, --seed), with the package settings vaebuild uses. Then, at one size,
 CUDA-event medians of: DIR's decoder package alone; + `images_to_uint8` as eager torch ops; + the same compiled by
-`torch.compile`; the fused package; and the device-to-host copy of the uint8 image (pageable `.cpu()` against a
-reused pinned buffer). Every uint8 output is compared byte for byte with the eager conversion of the package's
-output. Writes OUTDIR/uint8_output.{json,md}.
+`torch.compile`; the fused package; and the uint8 image's way to PIL: pageable `.cpu()` + `Image.fromarray` (what
+diffusers does after its conversion) against `vaebuild.pixels.pil.to_pil_images` (RGBX on the device, pinned host
+blocks, PIL images over those bytes), with each one's copy alone. Every uint8 output is compared byte for byte with
+the eager conversion of the package's output (PIL images by their bytes). Writes OUTDIR/uint8_output.{json,md}.
 """
 
 import argparse
@@ -18,11 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from vaebuild.bench import summarize, time_calls  # noqa: E402
 from vaebuild.env import device_info, package_versions  # noqa: E402
 from vaebuild.fileio import write_json, write_text  # noqa: E402
-from vaebuild.pixels.convert import HostTransfer, images_to_uint8  # noqa: E402
+from vaebuild.pixels.convert import images_to_uint8, rgb_to_rgbx, to_host  # noqa: E402
+from vaebuild.pixels.pil import to_pil_images  # noqa: E402
 
 
 class DecoderToUint8(torch.nn.Module):
@@ -79,21 +82,25 @@ def main():
     fused = load_package(fused_path, device)
     compiled = torch.compile(images_to_uint8)
     reference = images_to_uint8(runtime.decode(latents)[:, :, 0])
-    transfer = HostTransfer()
     variants = {
         "package decode alone": lambda: runtime.decode(latents),
         "package + images_to_uint8 (eager ops)": lambda: images_to_uint8(runtime.decode(latents)[:, :, 0]),
         "package + images_to_uint8 (torch.compile)": lambda: compiled(runtime.decode(latents)[:, :, 0]),
         "fused package (conversion in the graph)": lambda: fused.run([latents])[0],
-        "uint8 to host, pageable .cpu()": lambda: reference.cpu(),
-        "uint8 to host, reused pinned buffer": lambda: transfer.to_numpy(reference),
+        "uint8 RGB to host, pageable .cpu()": lambda: reference.cpu(),
+        "RGBX to host, pinned (to_host)": lambda: to_host(rgb_to_rgbx(reference)),
+        "to PIL: pageable .cpu() + Image.fromarray": lambda: [Image.fromarray(i) for i in reference.cpu().numpy()],
+        "to PIL: to_pil_images (pinned RGBX, no copy)": lambda: to_pil_images(reference),
     }
+    expected_bytes = [Image.fromarray(i).tobytes() for i in reference.cpu().numpy()]
     rows = []
     for name, call in variants.items():
         out = call()
         equal = None
-        if isinstance(out, torch.Tensor) and out.dtype == torch.uint8:
-            equal = bool(torch.equal(out.cpu(), reference.cpu()))
+        if isinstance(out, list):
+            equal = [i.tobytes() for i in out] == expected_bytes
+        elif out.dtype == torch.uint8:
+            equal = bool(torch.equal(out.cpu()[..., :3], reference.cpu()))
         row = {"variant": name, "equal_to_eager": equal, **summarize(time_calls(call, device, 5, args.runs))}
         rows.append(row)
         print(f"{name}: {row['median_ms']:.3f} ms, equal bytes: {equal}")

@@ -93,39 +93,23 @@ def uint8_to_images(pixels: torch.Tensor, dtype: torch.dtype = torch.float32, no
     return images if dtype == torch.float32 else images.to(dtype)
 
 
-class HostTransfer:
-    """Copies device tensors to host numpy arrays through one reused (pinned, where CUDA is) CPU buffer.
+def rgb_to_rgbx(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 `[..., 3]` -> uint8 `[..., 4]` with 255 as the 4th byte: the layout of Pillow's RGB images."""
+    rgbx = torch.empty((*pixels.shape[:-1], 4), dtype=torch.uint8, device=pixels.device)
+    rgbx[..., 3] = 255
+    rgbx[..., :3] = pixels
+    return rgbx
 
-    `to_numpy(tensor)`: a CUDA tensor goes through the buffer (grown when a larger one is needed), then is
-    copied out of it, so the returned array is the caller's own and later calls never overwrite it. A tensor on
-    the CPU, or on a device other than CUDA, takes plain `.cpu()`. Calls are serialised by a lock.
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `tensor`, in page-locked memory from torch's caching host allocator when it is on CUDA.
+
+    The copy is a new tensor (nothing else writes to it), and its block returns to the allocator's cache when the
+    last reference to it goes, so a steady stream of calls reuses the same pinned blocks.
     """
+    if tensor.device.type != "cuda":
+        return tensor.detach().cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.detach())  # blocking: landed when it returns
+    return host
 
-    def __init__(self, pin_memory: bool | None = None):
-        """`pin_memory`: page-lock the buffer; by default, when CUDA is available."""
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._buffer: torch.Tensor | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def capacity(self) -> int:
-        """The buffer's size in bytes (0 before the first staged copy)."""
-        return 0 if self._buffer is None else self._buffer.numel()
-
-    def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
-        """The tensor's values as a new numpy array of its shape and dtype (C-contiguous for a staged copy)."""
-        if tensor.device.type == "cuda":
-            return self.staged(tensor)
-        return tensor.detach().cpu().numpy()
-
-    def staged(self, tensor: torch.Tensor) -> np.ndarray:
-        """Copy through the reused buffer, whatever the tensor's device, into a new array that aliases nothing."""
-        tensor = tensor.detach().contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        with self._lock:
-            if self._buffer is None or self._buffer.numel() < nbytes:
-                self._buffer = None
-                self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin_memory)
-            staging = self._buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
-            staging.copy_(tensor)  # blocking: the copy has landed when this returns
-            return staging.numpy().copy()

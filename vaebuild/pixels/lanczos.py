@@ -20,7 +20,6 @@ only the integer accumulation runs on the device, exact on any device.
 
 import functools
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -175,23 +174,13 @@ def resize_lanczos(pixels, size):
 def resize_pil_lanczos(image, size, device):
     """`image.resize(size, Image.LANCZOS)` of a PIL RGB or L image, computed on `device` by `resize_lanczos`;
     returns a PIL image of the same mode, byte-identical to Pillow 13's."""
-    from PIL import Image
-
     if image.mode not in MODES:
         raise ValueError(f"resize_pil_lanczos takes RGB or L images, not mode {image.mode!r}")
-    # np.asarray: Pillow's unpacking of its 4-byte pixels is most of the cost (45 ms for a 12 MP photo on an H200 host,
-    # 54 with np.array's extra copy; benchmarks/results/h200/edit_input_profile.md). Read-only: copied by the upload.
-    array = np.asarray(image)
-    if image.mode == "L":
-        array = array[:, :, None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch.from_numpy of a read-only array: never written here
-        pixels = torch.from_numpy(array)
-    out = resize_lanczos(pixels.to(device), size).cpu().numpy()
-    if image.mode == "L":
-        out = out[:, :, 0]
-    return Image.fromarray(np.ascontiguousarray(out))
+    from vaebuild.pixels.pil import to_pil_images, upload_pixels
 
+    # Pillow's unpacking of the photo is most of the cost: `upload_pixels` packs it on several threads
+    # (benchmarks/results/h200/edit_input_profile.md has the stages).
+    return to_pil_images(resize_lanczos(upload_pixels([image], device)[0], size)[None])[0]
 
 def _describe(value):
     if isinstance(value, torch.Tensor):

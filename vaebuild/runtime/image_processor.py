@@ -6,12 +6,15 @@ A subclass with the replaced processor's config, so pipelines and `Pipeline.from
 result is bit-identical to diffusers' (`vaebuild.pixels.convert` says how); only where the work is done changes:
 
 - `postprocess(tensor, "pil")`: denormalize, x255, round and uint8 on the tensor's device; only uint8 crosses to
-  the host (through a reused pinned buffer), then diffusers' own `Image.fromarray` calls.
+  the host (as RGBX, the layout of Pillow's RGB images, into pinned blocks that torch's caching host allocator
+  reuses), and the PIL images use those bytes as their storage (`vaebuild.pixels.pil`); one-channel images take
+  diffusers' own `Image.fromarray(..., mode="L")`.
 - `postprocess(tensor, "np")`, `"pt"` and `"latent"`: diffusers' own code, whose arithmetic already runs on the
   tensor's device ("np" then does only `.cpu()` and an exact `.float()` on the host; doing that `.float()` on the
   device would double the bytes that cross for bf16 and was measured slower on an H200: 2.4 ms against 1.5 ms at 1328x1328).
 - `preprocess(PIL image or list of them)`: crop, resize and RGB conversion by diffusers' own PIL code, then the
-  uint8 pixels go to `device` and become float32 there. diffusers returns a CPU tensor that the pipelines then
+  uint8 pixels (read by Pillow's packer on several threads into a pinned buffer) go to `device` and become float32
+  there. diffusers returns a CPU tensor that the pipelines then
   `.to(device, dtype)`; with `device` set that move is a no-op. With `device=None` the tensor stays on the CPU.
 
 Falls back to diffusers' own code (`super()`): postprocess of non-tensors, of output types other than "pil" (above,
@@ -27,7 +30,8 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from vaebuild.pixels.convert import HostTransfer, images_to_uint8, uint8_to_images
+from vaebuild.pixels.convert import images_to_uint8, uint8_to_images
+from vaebuild.pixels.pil import PACKED_MODES, to_pil_images, upload_pixels
 
 
 class EngineImageProcessor(VaeImageProcessor):
@@ -38,7 +42,6 @@ class EngineImageProcessor(VaeImageProcessor):
     """
 
     device: torch.device | None = None
-    _host: HostTransfer | None = None
 
     @classmethod
     def from_processor(cls, processor: VaeImageProcessor, device: torch.device | str | None = None):
@@ -46,11 +49,6 @@ class EngineImageProcessor(VaeImageProcessor):
         result = cls.from_config(processor.config)
         result.device = None if device is None else torch.device(device)
         return result
-
-    def _transfer(self) -> HostTransfer:
-        if self._host is None:
-            self._host = HostTransfer()
-        return self._host
 
     def postprocess(self, image: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None):
         """diffusers' postprocess; for "pil", all arithmetic on the tensor's device and only uint8 to the host."""
@@ -62,10 +60,7 @@ class EngineImageProcessor(VaeImageProcessor):
             every = all(do_denormalize[i] for i in range(image.shape[0]))
         if not every:  # unclamped values: diffusers' uint8 cast of those is platform-defined
             return super().postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        pixels = self._transfer().to_numpy(images_to_uint8(image))
-        if pixels.shape[-1] == 1:  # diffusers' numpy_to_pil, from here on
-            return [PIL.Image.fromarray(pixel.squeeze(), mode="L") for pixel in pixels]
-        return [PIL.Image.fromarray(pixel) for pixel in pixels]
+        return to_pil_images(images_to_uint8(image))
 
     def preprocess(self, image, height: int | None = None, width: int | None = None, resize_mode: str = "default",
                    crops_coords: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -82,14 +77,17 @@ class EngineImageProcessor(VaeImageProcessor):
             images = [self.resize(i, *size, resize_mode=resize_mode) for i in images]
         if self.config.do_convert_rgb:
             images = [self.convert_to_rgb(i) for i in images]
-        arrays = [np.asarray(i) for i in images]
-        if any(a.dtype != np.uint8 or a.shape != arrays[0].shape for a in arrays):
-            return super().preprocess(image, height, width, resize_mode=resize_mode, crops_coords=crops_coords)
-        pixels = torch.from_numpy(np.stack(arrays, axis=0))
-        if pixels.ndim == 3:  # one-channel modes ("L", "P"): numpy_to_pt's images[..., None]
-            pixels = pixels.unsqueeze(-1)
-        if self.device is not None:
-            pixels = pixels.to(self.device)
+        if len({(i.mode, i.size) for i in images}) == 1 and images[0].mode in PACKED_MODES:
+            pixels = upload_pixels(images, self.device)
+        else:
+            arrays = [np.asarray(i) for i in images]
+            if any(a.dtype != np.uint8 or a.shape != arrays[0].shape for a in arrays):
+                return super().preprocess(image, height, width, resize_mode=resize_mode, crops_coords=crops_coords)
+            pixels = torch.from_numpy(np.stack(arrays, axis=0))
+            if pixels.ndim == 3:  # one-channel modes ("P"): numpy_to_pt's images[..., None]
+                pixels = pixels.unsqueeze(-1)
+            if self.device is not None:
+                pixels = pixels.to(self.device)
         # diffusers normalizes unless the image has values below 0, which uint8 pixels never have
         return uint8_to_images(pixels, normalize=self.config.do_normalize)
 
