@@ -80,3 +80,27 @@ def test_package_calls_the_op_by_name(tmp_path):
     other = torch.randn(1, 1, 37, 3 * 384)
     out = load_package(path, "cpu").run([other])[0]
     torch.testing.assert_close(out, _Attend()(other), rtol=0, atol=0)
+
+
+def test_tma_allocator_is_set_in_every_calling_thread():
+    """Triton's allocator is a context variable: a kernel launched from another thread needs it set there too."""
+    pytest.importorskip("triton")
+    import threading
+
+    from triton.runtime import _allocation
+
+    from vaebuild.kernels import tma
+
+    tma.set_tma_allocator()
+    seen = {}
+
+    def worker():
+        seen["before"] = _allocation._allocator.get()
+        tma.set_tma_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["before"] is not tma._scratch  # a new thread starts without it
+    assert seen["after"] is tma._scratch

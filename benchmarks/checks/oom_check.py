@@ -24,7 +24,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", required=True, type=Path)
     parser.add_argument("--size", default="1328x1328", help="WxH")
-    parser.add_argument("--headroom-mib", type=int, default=1024)
+    parser.add_argument("--headroom-mib", type=int, default=256)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     runtime = VaeRuntime(args.engines, allow_fallback=False)
@@ -32,6 +32,7 @@ def main():
     first = runtime.decode(latents)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
+    torch.cuda.empty_cache()  # else the call reuses the first call's cached blocks and needs nothing new
     free, _ = torch.cuda.mem_get_info()
     filler = torch.empty(max(free - args.headroom_mib * 2**20, 0), dtype=torch.uint8, device="cuda")
     print(f"allocated before: {before / 2**20:.0f} MiB; filler {filler.numel() / 2**30:.1f} GiB, "

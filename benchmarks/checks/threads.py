@@ -81,7 +81,7 @@ def measure(runtime, jobs, threads, calls, streams):
     serial_s, serial = timed(runtime, jobs, 1, calls * threads, streams)
     threaded_s, outs = timed(runtime, jobs, threads, calls, streams)
     expected = {id(x): serial[0][k] for k, (_, _, x) in enumerate(jobs[: calls * threads])}
-    same = all(torch.equal(outs[w][i], expected[id(jobs[(w + i) % len(jobs)][2])])
+    same = all(outs[w][i] is not None and torch.equal(outs[w][i], expected[id(jobs[(w + i) % len(jobs)][2])])
                for w in range(threads) for i in range(calls))
     total = calls * threads
     return total / serial_s, total / threaded_s, same

@@ -1,19 +1,18 @@
 """Helpers for kernels that read through TMA tensor descriptors (Triton and Gluon alike)."""
 
-import functools
-
 import torch
 import triton
 
 
-@functools.cache
+def _scratch(size, align, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def set_tma_allocator():
-    """Device-side tensor descriptors need a global scratch allocator (Triton asks for one)."""
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    """Give Triton the scratch allocator device-side tensor descriptors need, in the calling thread.
 
-
-def loadable(t, tma):
-    """Whether a kernel reads `t` in place: unit column stride, and 16-byte alignment for TMA."""
-    size = t.element_size()
-    aligned = (t.storage_offset() * size) % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
-    return t.stride(-1) == 1 and (aligned or not tma)
+    Call it before every launch: Triton keeps the allocator in a context variable, so a thread that never set it
+    gets the null allocator, whose error fails the launch (seen as a package's `run_func_ ... API call failed` when
+    8 threads called the runtime on an H200). Setting it costs a context-variable write.
+    """
+    triton.set_allocator(_scratch)

@@ -27,7 +27,7 @@ from vaebuild.pixels.convert import rgb_to_rgbx, to_host
 # Modes whose raw packing is `np.asarray`'s: uint8 bands, the raw mode equal to the mode.
 PACKED_MODES = {"RGB": 3, "RGBA": 4, "RGBX": 4, "L": 1}
 STRIP_MIN_PIXELS = 1 << 20  # below a megapixel one thread packs it (thread hand-offs cost more than they save)
-THREADS = max(1, min(8, os.cpu_count() or 1))
+THREADS = max(1, min(16, os.cpu_count() or 1))
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
