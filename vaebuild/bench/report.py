@@ -1,5 +1,6 @@
 """`vaebuild bench`'s output: the Markdown tables (`render_markdown`: the seed guide's size | decoder | encoder
-shape, notes, the load costs per engine folder, every row) and the files (`write_results`)."""
+shape, with peak memory columns on CUDA, notes, the load costs per engine folder, every row) and the files
+(`write_results`)."""
 
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def render_markdown(result, details=True):
     columns = [("3-D", "pytorch-3d", None), ("2-D", "pytorch-2d", None)]
     columns += [(f"E{i + 1}" if len(folders) > 1 else "engine", "engine", i) for i in range(len(folders))]
     names = [name for name, _, _ in columns]
+    peaks = any(r.get("peak_mem_mib") is not None for r in rows)  # measured on CUDA only
     header = ["size WxH"]
     for graph in TABLE_ORDER:
         header += [
@@ -34,6 +36,8 @@ def render_markdown(result, details=True):
             f"{graph} ms {' / '.join(names)}",
             f"{graph} speedup {' / '.join(names[1:])}",
         ]
+        if peaks:
+            header.append(f"{graph} peak MiB {' / '.join(names)}")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for size in result["sizes"]:
         cells = [size["label"]]
@@ -42,6 +46,8 @@ def render_markdown(result, details=True):
             cells.append(" / ".join(_fmt(r and r["tflop"], 2) for r in found[:2]))
             cells.append(" / ".join(_fmt(r and r["median_ms"], 1) for r in found))
             cells.append(" / ".join(_fmt(r and r["speedup_vs_3d"], 2, "x") for r in found[1:]))
+            if peaks:
+                cells.append(" / ".join(_fmt(r and r["peak_mem_mib"], 0) for r in found))
         lines.append("| " + " | ".join(cells) + " |")
     reasons = {}
     for r in rows:
@@ -55,12 +61,15 @@ def render_markdown(result, details=True):
         if e.get("kind"):
             name = names[2 + index]
             graphs = ", replayed from CUDA graphs (first call captures)" if e.get("cuda_graphs") else ""
+            if e.get("tiled"):
+                tile = e["tiles"]
+                graphs += f", every size through its exact tiles of {tile[0]}x{tile[1]} (HxW; tiling=True)"
             lines += [
                 "",
                 f"{name}: {e['dir']} ({e['kind']}, {e['precision']}, {', '.join(e['backends'])} "
                 f"{', '.join(e['backend_versions'])}{graphs}; same weights as the PyTorch rows: {e['weights_match']}).",
             ]
-            if not e.get("cuda_graphs"):
+            if not e.get("cuda_graphs") and not e.get("tiled"):
                 lines += _load_table(result, index, e)
     if result.get("command"):
         lines += ["", f"Command: `{result['command']}`"]

@@ -4,6 +4,9 @@
     engine      for each `--engines DIR` (repeatable: folders are compared in the same run), the
                 engine that serves the size, through `runtime.VaeRuntime` (never its PyTorch
                 fallback); otherwise the row says "not run: <reason>"
+    engine ... tiled  for each of those folders built with `--tile`, one more engine row (its own folder column):
+                every size through the folder's exact tiles (`VaeRuntime(tiling=True)`), also sizes no
+                whole-image engine serves; not run where the tile engines do not take the size
 
 Per engine row also `first_call_ms` (the first call after the load, in this process) and, from fresh
 processes (`vaebuild.bench.loads`), `load_ms` and `gpu_mb_held`; per folder `disk_mb` (engine files plus
@@ -62,9 +65,13 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
         for cuda_graphs in ((False, True) if options.cuda_graphs else (False,))
         for folder in options.engines
     ]
+    for info, _ in list(opened[:len(options.engines)]):  # folders built with --tile: their tiled rows too
+        if info.get("tiles"):
+            opened.append(_open_engines(model_sha256, Path(info["dir"]), device, runner_factory, unavailable_reason,
+                                        log, tiled=True))
     fresh_loads = [{} for _ in opened]
     for (info, runtime), loads in zip(opened, fresh_loads):
-        if runtime is not None and options.fresh_process_loads and not info["cuda_graphs"]:
+        if runtime is not None and options.fresh_process_loads and not info["cuda_graphs"] and not info["tiled"]:
             log(f"measuring engine loads of {info['dir']} in fresh processes ...")
             loads.update(measure_fresh_loads(runtime, device, info, log))
     log(f"preparing models on {device_name(device)} in {precision} ...")
@@ -129,12 +136,14 @@ def run_bench(vae, model_description, options: BenchOptions, *, log=print, comma
     }
 
 
-def _open_engines(model_sha256, folder, device, runner_factory, unavailable_reason, log, cuda_graphs=False):
+def _open_engines(model_sha256, folder, device, runner_factory, unavailable_reason, log, cuda_graphs=False,
+                  tiled=False):
     """(engine info for the JSON, VaeRuntime or None); a folder that cannot be opened becomes a reason.
-    `model_sha256`: `weights_sha256` of the benchmarked model, hashed once for every folder."""
+    `model_sha256`: `weights_sha256` of the benchmarked model, hashed once for every folder. `tiled`: the runtime
+    runs every size through the folder's tile engines (`tiling=True`)."""
     from vaebuild.runtime import VaeRuntime, read_engine_dir
 
-    info = {"dir": str(folder), "cuda_graphs": cuda_graphs}
+    info = {"dir": str(folder), "cuda_graphs": cuda_graphs, "tiled": tiled}
     try:
         manifest, _ = read_engine_dir(folder)
     except UserInputError as err:
@@ -149,8 +158,9 @@ def _open_engines(model_sha256, folder, device, runner_factory, unavailable_reas
         files=[e["path"] for e in engines],
         model=manifest.get("model"),
         weights_match=manifest.get("weights_sha256") == model_sha256,
+        tiles=manifest.get("tiles", {}).get("tile"),
     )
-    if not info["weights_match"] and not cuda_graphs:
+    if not info["weights_match"] and not cuda_graphs and not tiled:
         log(f"note: the engines in {folder} were built from other weights than the benchmarked model")
     info["disk_mb"] = round(_folder_disk_bytes(folder, manifest) / 1e6, 1)
     try:
@@ -162,6 +172,7 @@ def _open_engines(model_sha256, folder, device, runner_factory, unavailable_reas
             runner_factory=runner_factory,
             unavailable_reason=unavailable_reason,
             cuda_graphs=cuda_graphs,
+            tiling=True if tiled else "auto",
         )
     except UserInputError as err:  # e.g. CUDA graphs asked for TensorRT engines or a CPU run
         info["error"] = str(err)
@@ -170,10 +181,12 @@ def _open_engines(model_sha256, folder, device, runner_factory, unavailable_reas
 
 
 def _engine_row(trt_vae, info, index, size, graph, x, device, warmup, runs):
+    from vaebuild.model.tiling import TILE_PARENT
     from vaebuild.runtime import EngineUnavailableError
 
     graphs = ", CUDA graphs" if info["cuda_graphs"] else ""
-    label = f"engine {Path(info['dir']).name} ({info.get('kind', '?')} {info.get('precision', '')}{graphs})"
+    tiled = " tiled" if info["tiled"] else ""
+    label = f"engine {Path(info['dir']).name}{tiled} ({info.get('kind', '?')} {info.get('precision', '')}{graphs})"
     row = _Row(size, graph, label, "engine")
     row.data["folder"] = index
     if trt_vae is None:
@@ -182,14 +195,22 @@ def _engine_row(trt_vae, info, index, size, graph, x, device, warmup, runs):
     run = trt_vae.encode if graph == "encoder" else trt_vae.decode
     loaded_before = dict(trt_vae.load_seconds)
     try:
-        route = trt_vae.prepare(graph, tuple(x.shape))  # loads the engine: its cost is reported apart
+        # Load the engines first: their cost is reported apart.
+        if info["tiled"]:
+            for entry in trt_vae.manifest["engines"]:
+                if TILE_PARENT.get(entry["graph"]) == graph:
+                    trt_vae.load(entry["path"])
+        else:
+            trt_vae.prepare(graph, tuple(x.shape))
         first_call_ms = time_calls(lambda: run(x), device, 0, 1)[0]
     except (EngineUnavailableError, VaebuildError) as err:
         row.not_run(str(err))
         return row
+    route = trt_vae.last_route[graph]
     row.data.update(engine=route.engine, profile=route.profile, first_call_ms=round(first_call_ms, 3))
-    if trt_vae.load_seconds.get(route.engine) != loaded_before.get(route.engine):
-        row.data["load_seconds"] = round(trt_vae.load_seconds[route.engine], 3)
+    loaded = [seconds for rel, seconds in trt_vae.load_seconds.items() if loaded_before.get(rel) != seconds]
+    if loaded:
+        row.data["load_seconds"] = round(sum(loaded), 3)
     _measure_row(row, lambda: run(x), device, max(0, warmup - 1), runs)
     return row
 

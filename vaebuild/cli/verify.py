@@ -60,6 +60,12 @@ ModelOverrideOption = Annotated[
     typer.Option("--model", help="Load the PyTorch reference from here instead of the manifest's model entry; its "
                  "weights must still hash to the manifest's weights_sha256."),
 ]
+SizesOption = Annotated[
+    Optional[str],
+    typer.Option("--sizes", help="More image sizes to check, comma-separated WxH (e.g. 1184x896,896x1184), beyond "
+                 "every profile's min/opt/max: each on the engine and profile that serves it, and tiled in a folder "
+                 "built with --tile. A size no engine serves is an error."),
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="Where the PyTorch reference runs: auto, cpu or cuda.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the generated inputs.")]
 
@@ -73,6 +79,7 @@ def verify(
     rtol: RtolOption = None,
     min_psnr: MinPsnrOption = None,
     max_side: MaxSideOption = None,
+    sizes: SizesOption = None,
     require: RequireOption = None,
     skip: SkipOption = None,
     onnx: OnnxDirOption = None,
@@ -81,15 +88,18 @@ def verify(
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
 ):
-    """Compare every engine, at every shape it claims, with PyTorch (and ONNX Runtime on the export).
+    """Compare every engine, at every shape it claims, with PyTorch (and ONNX Runtime on the export); tiles
+    (--tile folders) against the untiled engine and PyTorch.
 
     Exit codes:
 
     - 0: every comparison that ran passed (rows `not run` or `skipped` say why)
-    - 2: user error (no manifest, model not loadable or not the built weights)
+    - 2: user error (no manifest, model not loadable or not the built weights, a --sizes size no engine
+      serves)
     - 4: a row failed: a metric beyond tolerance, an engine or ONNX file that does not match the
       manifest, or a `--require`d runner that cannot run here
     """
+    from vaebuild.bench.options import parse_sizes
     from vaebuild.fileio import write_json
     from vaebuild.progress import progress_log
     from vaebuild.summary import VERIFY_STATUSES, summary_written
@@ -99,7 +109,7 @@ def verify(
         options = VerifyOptions(
             atol=atol, rtol=rtol, min_psnr=min_psnr, max_side=max_side, require=tuple(require or ()),
             skip=tuple(skip or ()), device=device, onnx_dir=onnx, model=model, allow_pickle=allow_pickle,
-            seed=seed,
+            seed=seed, sizes=parse_sizes(sizes) if sizes else (),
         )
         with progress_log(lambda line: typer.echo(line, err=True)) as log:
             result = verify_build(folder, options, log=log)

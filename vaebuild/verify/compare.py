@@ -18,8 +18,9 @@ from collections import OrderedDict
 
 from vaebuild.backends import get_backend
 from vaebuild.errors import VaebuildError, one_line
+from vaebuild.model import TILE_GRAPHS
 from vaebuild.verify.reference import REFERENCE_NAME, reference_runner
-from vaebuild.verify.report import FAIL, PASS
+from vaebuild.verify.report import FAIL, PASS, UNTILED
 
 
 def run_row(row, context, reference, options, weights):
@@ -36,7 +37,8 @@ def run_row(row, context, reference, options, weights):
         return
     try:
         runner = _make_runner(row, context, weights)
-        runs = _polygraphy_run(row, entry, runner, feed, reference)
+        ref_runner = reference_runner(row.graph, entry["input"], entry["output"], row.shape, feed.dtype, reference)
+        runs = _polygraphy_run(ref_runner, runner, entry["input"], feed)
     except VaebuildError as err:
         row.status, row.reason = FAIL, str(err)
         return
@@ -45,7 +47,101 @@ def run_row(row, context, reference, options, weights):
         return
     finally:
         row.seconds = round(time.perf_counter() - start, 3)
-    _judge(row, runs, entry, tolerances)
+    _judge(row, runs, entry["output"], tolerances)
+
+
+def run_tiled_row(row, context, reference, options, runtimes):
+    """Run a tiled row (`plan.plan_tiled_rows`): the folder's tile engines through `VaeRuntime(tiling=True)` against
+    the float32 reference, or against the whole-image engine through `VaeRuntime(tiling=False)` (row.runner ends in
+    "vs untiled"); `runtimes` is `TiledRuntimes`. Judged by the same rule and tolerances as the other rows."""
+    tolerances = context["tolerances"]
+    input_name, output_name = context["io"]
+    feed = _seeded_feed(row.graph, row.shape, reference.vae.config, context["precision"], options.seed)
+    feed = feed.to(_feed_dtype(row.runner, context["precision"]))
+    row.max_abs_limit, row.min_psnr = None, tolerances.min_psnr if row.graph == "decoder" else None
+    start = time.perf_counter()
+    try:
+        if context["against"] == UNTILED:
+            ref_runner = runtime_runner(UNTILED, runtimes.untiled, row.graph, input_name, output_name, row.shape,
+                                        feed.dtype)
+        else:
+            reference(row.graph, feed.float())
+            ref_runner = reference_runner(row.graph, input_name, output_name, row.shape, feed.dtype, reference)
+    except Exception as err:  # e.g. out of memory at a large shape
+        row.seconds = round(time.perf_counter() - start, 3)
+        row.status, row.reason = FAIL, f"PyTorch reference failed: {one_line(err)}"
+        return
+    try:
+        runner = runtime_runner(row.runner, runtimes.tiled, row.graph, input_name, output_name, row.shape, feed.dtype)
+        runs = _polygraphy_run(ref_runner, runner, input_name, feed)
+    except VaebuildError as err:  # e.g. EngineUnavailableError: a window no tile engine takes
+        row.status, row.reason = FAIL, str(err)
+        return
+    except Exception as err:
+        row.status, row.reason = FAIL, f"{row.runner} failed: {one_line(err)}"
+        return
+    finally:
+        row.seconds = round(time.perf_counter() - start, 3)
+    _judge(row, runs, output_name, tolerances, ref_name=ref_runner.name)
+
+
+class TiledRuntimes:
+    """The two runtimes of the tiled rows, made on first use: `tiled` (`tiling=True`) and `untiled` (`tiling=False`),
+    both loading engines lazily and never falling back to PyTorch, on the device the tile engines were built for."""
+
+    def __init__(self, folder, manifest):
+        self.folder = folder
+        devices = [e.get("device") for e in manifest["engines"] if e["graph"] in TILE_GRAPHS]
+        self.device = next((d for d in devices if d), None)
+        self._made = {}
+
+    def _get(self, tiling):
+        from vaebuild.runtime import VaeRuntime
+
+        if tiling not in self._made:
+            self._made[tiling] = VaeRuntime(self.folder, device=self.device, resident="lazy", tiling=tiling,
+                                            allow_fallback=False)
+        return self._made[tiling]
+
+    @property
+    def tiled(self):
+        return self._get(True)
+
+    @property
+    def untiled(self):
+        return self._get(False)
+
+    def release(self):
+        for runtime in self._made.values():
+            runtime.release()
+        self._made.clear()
+
+
+def runtime_runner(name, runtime, graph, input_name, output_name, shape, dtype):
+    """A Polygraphy runner calling `runtime.encode` / `runtime.decode` (a `VaeRuntime`) on its device; it raises
+    instead of falling back when the runtime was made with `allow_fallback=False`."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    class VaeRuntimeRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name)
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add(input_name, DataType.from_dtype(dtype), shape)
+
+        def infer_impl(self, feed_dict):
+            import torch
+
+            x = torch.as_tensor(feed_dict[input_name]).to(runtime.device)
+            run = runtime.decode if graph == "decoder" else runtime.encode
+            start = time.perf_counter()
+            out = run(x)
+            self.inference_time = time.perf_counter() - start  # Polygraphy adds it up
+            return OrderedDict([(output_name, out)])
+
+    return VaeRuntimeRunner()
 
 
 def _seeded_feed(graph, shape, vae_config, precision, seed):
@@ -95,14 +191,13 @@ def _onnxrt_runner(path, precision):
     return OnnxrtRunner(SessionFromOnnx(model, providers=providers), name="onnxrt")
 
 
-def _polygraphy_run(row, entry, runner, feed, reference):
-    """Comparator.run on [reference, runner] with one feed dict; outputs as float32 numpy."""
+def _polygraphy_run(ref_runner, runner, input_name, feed):
+    """Comparator.run on [ref_runner, runner] with one feed dict; outputs as float32 numpy."""
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    ref_runner = reference_runner(row.graph, entry["input"], entry["output"], row.shape, feed.dtype, reference)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        runs = Comparator.run([ref_runner, runner], data_loader=[OrderedDict([(entry["input"], feed)])])
+        runs = Comparator.run([ref_runner, runner], data_loader=[OrderedDict([(input_name, feed)])])
         return Comparator.postprocess(runs, _to_float32_numpy)
 
 
@@ -118,14 +213,14 @@ def _to_float32_numpy(iteration):
     return iteration
 
 
-def _judge(row, runs, entry, tolerances):
-    """Fill the metrics of `row` from the two runs and decide pass or FAIL."""
+def _judge(row, runs, name, tolerances, ref_name=REFERENCE_NAME):
+    """Fill the metrics of `row` from the two runs (its runner's against `ref_name`'s output `name`) and decide pass
+    or FAIL."""
     import numpy as np
     from polygraphy.comparator import Comparator, OutputCompareResult, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    name = entry["output"]
-    ref_iteration, out_iteration = runs[REFERENCE_NAME][0], runs[row.runner][0]
+    ref_iteration, out_iteration = runs[ref_name][0], runs[row.runner][0]
     if name not in out_iteration:
         row.status, row.reason = FAIL, f"{row.runner} produced no output named {name!r} (got {list(out_iteration.keys())})"
         return
@@ -138,7 +233,7 @@ def _judge(row, runs, entry, tolerances):
     compare = SimpleCompareFunc(atol=row.max_abs_limit, rtol=0.0, check_error_stat="max")
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         accuracy = Comparator.compare_accuracy(runs, comparisons=[(1, 0)], compare_func=compare)
-    result = accuracy[0][(row.runner, REFERENCE_NAME)][0].get(name)
+    result = accuracy[0][(row.runner, ref_name)][0].get(name)
     if not isinstance(result, OutputCompareResult):
         row.status, row.reason = FAIL, f"Polygraphy could not compare output {name!r}"
         return

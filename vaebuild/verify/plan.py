@@ -19,6 +19,16 @@ encode, 1.6 s to decode and 25 GiB on an H100) and `CPU_MAX_SIDE` on the CPU, wh
 float32 model takes minutes per shape; 0 always means no limit. ONNX Runtime runs on the CPU unless
 onnxruntime-gpu is installed: `--skip onnxrt` saves that time on a GPU host.
 
+`--sizes WxH,...` (`VerifyOptions.sizes`) adds, for each graph, a row per size at the whole-image engine and profile
+that the runtime would run it on (levels "size"); a size that no engine of a graph serves (neither a whole-image
+engine nor the tiles) is a one-line UserInputError naming it and the ranges served (`vaebuild.verify.sizes`).
+
+A folder built with `--tile`: its tile engines get no rows of their own; `plan_tiled_rows` adds, per graph, at each
+size of the whole-image engines' profiles and of `--sizes` that the tiles serve, the tiled output through
+`VaeRuntime(tiling=True)` against the float32 reference and, where a whole-image engine serves the size, against
+that engine through `VaeRuntime(tiling=False)` ("tiled vs untiled"). An engine check problem of any engine a row
+uses fails it; `--skip`, `--require` and `--max-side` apply to them as to the others (runner: the tile engines').
+
 A planned row either has its status already (`FAIL` for an engine or ONNX file that does not match
 the manifest, `skipped`, `not run`) or None: to be run by `vaebuild.verify.compare.run_row`.
 """
@@ -53,6 +63,7 @@ class VerifyOptions:
     model: str | None = None  # instead of the manifest's model entry
     allow_pickle: bool = False  # let a model folder without safetensors load pickled weights
     seed: int = 0
+    sizes: tuple = ()  # `--sizes`: more image sizes (BenchSize: height, width), beyond every profile's min/opt/max
 
     def __post_init__(self):
         for name in ("atol", "rtol", "min_psnr"):
@@ -145,27 +156,29 @@ def _distinct_shapes(profile):
     return [("=".join(levels), shape, image) for shape, (levels, image) in merged.items()]
 
 
-def plan_rows(folder, entry, precision, engine_problem, onnx_files, unavailable, max_side, options):
-    """(Row, context) for every shape and runner of one engine; Row.status None means "to run"."""
+def plan_rows(folder, entry, precision, engine_problem, onnx_files, unavailable, max_side, options, extra=()):
+    """(Row, context) for every shape and runner of one whole-image engine; Row.status None means "to run".
+
+    `extra`: [(profile index, image (h, w), input shape)] of `--sizes` this engine serves
+    (`FolderSizes.extra_rows`): rows with levels "size" after the profile's own shapes (a shape the profile already
+    has is not repeated)."""
     plans = []
     onnx = onnx_files.get(entry["graph"])
     for index, profile in enumerate(entry["profiles"]):
-        for levels, shape, image in _distinct_shapes(profile):
+        shapes = _distinct_shapes(profile)
+        seen = {shape for _, shape, _ in shapes}
+        for profile_index, image, shape in extra:
+            if profile_index == index and shape not in seen:
+                seen.add(shape)
+                shapes.append(("size", shape, tuple(image)))
+        for levels, shape, image in shapes:
             base = dict(engine=entry["path"], graph=entry["graph"], profile=profile.get("name", str(index)),
                         profile_index=index, levels=levels, shape=shape, image=image)
             context = {"entry": entry, "engine_path": Path(folder) / entry["path"], "precision": precision, "onnx": onnx,
                        "tolerances": options.tolerances(precision)}
-            too_big = max_side and max(image) > max_side
-            skip_reason = (
-                f"image side {max(image)} > --max-side {max_side}"
-                + (" (the CPU default; --max-side 0 runs every shape)" if options.max_side is None else "")
-            )
             engine_runner = get_backend(entry["backend"]).runner_name
             runners = (["onnxrt"] if "onnx_sha256" in entry else []) + [engine_runner]
             for runner in runners:
-                if runner in options.skip:
-                    plans.append((Row(**base, runner=runner, status=SKIPPED, reason=f"--skip {runner}"), context))
-                    continue
                 problem, not_run = None, None
                 if runner == "onnxrt":
                     if onnx.problem:
@@ -176,18 +189,65 @@ def plan_rows(folder, entry, precision, engine_problem, onnx_files, unavailable,
                 else:
                     problem = engine_problem and f"engine check: {engine_problem}"
                     not_run = unavailable[entry["path"]]
-                if problem:
-                    row = Row(**base, runner=runner, status=FAIL, reason=problem)
-                elif too_big:
-                    row = Row(**base, runner=runner, status=SKIPPED, reason=skip_reason)
-                elif not_run and runner in options.require:
-                    row = Row(**base, runner=runner, status=FAIL, reason=f"--require {runner}, but it cannot run: {not_run}")
-                elif not_run:
-                    row = Row(**base, runner=runner, status=NOT_RUN, reason=not_run)
-                else:
-                    row = Row(**base, runner=runner, status=None)
+                row = Row(**base, runner=runner, status=None)
+                _set_status(row, runner, problem, not_run, max_side, options)
                 plans.append((row, context))
     return plans
+
+
+def plan_tiled_rows(folder, manifest, sizes, problems, unavailable, max_side, options):
+    """(Row, context) of the tiled rows of a folder built with `--tile` (see `vaebuild.verify.report`).
+
+    For each graph whose two tile engines the folder holds, at each image size of `sizes.tiled_sizes(graph,
+    options.sizes)`: "<runner> tiled" (against the float32 reference) and, where a whole-image engine serves the
+    size, "<runner> tiled vs untiled" (against it). `problems` and `unavailable`: engine path -> the engine check's
+    problem / why it cannot run here (None: none)."""
+    from vaebuild.model.tiling import TILE_IO
+    from vaebuild.verify.reference import REFERENCE_NAME
+    from vaebuild.verify.report import UNTILED
+
+    plans = []
+    entries = {e["graph"]: e for e in manifest["engines"]}
+    by_path = {e["path"]: e for e in manifest["engines"]}
+    tile = manifest["tiles"]["tile"]
+    for graph in sizes.tiled_graphs():
+        pieces = [entries[name] for name in sizes.pieces(graph)]
+        precision = pieces[0].get("precision", manifest["precision"])
+        io = (TILE_IO[pieces[0]["graph"]][0], TILE_IO[pieces[1]["graph"]][1])
+        runner_name = get_backend(pieces[0]["backend"]).runner_name
+        for image, whole in sizes.tiled_sizes(graph, options.sizes):
+            base = dict(engine=",".join(p["path"] for p in pieces), graph=graph, profile=f"tile {tile[0]}x{tile[1]}",
+                        profile_index=0, levels="size", shape=sizes.input_shape(graph, image), image=image)
+            against = [(REFERENCE_NAME, f"{runner_name} tiled", pieces)]
+            if whole is not None:
+                against.append((UNTILED, f"{runner_name} tiled vs untiled", pieces + [by_path[whole]]))
+            for reference, runner, used in against:
+                problem = "; ".join(f"engine check: {problems[e['path']]}" for e in used if problems[e["path"]])
+                not_run = "; ".join(unavailable[e["path"]] for e in used if unavailable[e["path"]])
+                row = Row(**base, runner=runner, status=None)
+                _set_status(row, runner_name, problem or None, not_run or None, max_side, options)
+                context = {"tiled": True, "against": reference, "io": io, "precision": precision,
+                           "tolerances": options.tolerances(precision)}
+                plans.append((row, context))
+    return plans
+
+
+def _set_status(row, runner, problem, not_run, max_side, options):
+    """The planned status of `row` (run by `runner`, one of RUNNERS): FAIL for a `problem`, skipped (--skip,
+    --max-side), FAIL or not run when it cannot run here (`not_run`, --require), else None: to run."""
+    side = max(row.image)
+    if runner in options.skip:
+        row.status, row.reason = SKIPPED, f"--skip {runner}"
+    elif problem:
+        row.status, row.reason = FAIL, problem
+    elif max_side and side > max_side:
+        row.status = SKIPPED
+        row.reason = (f"image side {side} > --max-side {max_side}"
+                      + (" (the CPU default; --max-side 0 runs every shape)" if options.max_side is None else ""))
+    elif not_run and runner in options.require:
+        row.status, row.reason = FAIL, f"--require {runner}, but it cannot run: {not_run}"
+    elif not_run:
+        row.status, row.reason = NOT_RUN, not_run
 
 
 def without_repeated_onnx_rows(plans):

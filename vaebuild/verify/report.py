@@ -10,6 +10,12 @@ does not match the manifest, or a `--require`d runner that could not run); `not 
 cannot run here, e.g. no CUDA GPU: the reason is in the row, and it is not a pass); `skipped` (the
 image side exceeds `max_side`). Only `FAIL` rows make `VerifyReport.raise_on_failures` raise
 `MismatchError` (exit code 4).
+
+Tiled rows (folders built with `--tile`): `engine` names the two tile engines of the graph, `profile` the tile
+("tile 512x512"), `levels` is "size"; `runner` is "<backend runner> tiled" (the tiled output against the float32
+reference) or "<backend runner> tiled vs untiled" (against the whole-image engine that serves the size, both through
+`VaeRuntime`). Rows of `--sizes` on whole-image engines have `levels` "size" too. The same rule and tolerances judge
+them all.
 """
 
 import math
@@ -20,6 +26,7 @@ from vaebuild.errors import MismatchError
 
 REPORT_VERSION = 1
 PASS, FAIL, NOT_RUN, SKIPPED = "pass", "FAIL", "not run", "skipped"
+UNTILED = "untiled"  # the reference of a "<runner> tiled vs untiled" row: the whole-image engine, through the runtime
 _SUMMARY_STATUS = {PASS: "passed", FAIL: "failed", NOT_RUN: "not_run", SKIPPED: "skipped"}
 
 

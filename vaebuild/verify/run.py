@@ -1,8 +1,9 @@
 """`verify_build`: check and run every engine of a build folder, and collect the report.
 
 It reads the manifest, binds Polygraphy to the engines' backend, loads the PyTorch reference
-(`reference`), plans the rows (`plan`), runs the ones still to run (`compare.run_row`) and returns a
-`report.VerifyReport`; it never raises on a mismatch (`VerifyReport.raise_on_failures` does).
+(`reference`), plans the rows (`plan`; `sizes` says which engines serve `--sizes` and the tiled rows' sizes), runs
+the ones still to run (`compare.run_row`, `compare.run_tiled_row`) and returns a `report.VerifyReport`; it never
+raises on a mismatch (`VerifyReport.raise_on_failures` does).
 """
 
 import time
@@ -10,17 +11,20 @@ from pathlib import Path
 
 from vaebuild.backends import get_backend
 from vaebuild.errors import UserInputError, VaebuildError
-from vaebuild.verify.compare import run_row
+from vaebuild.model import GRAPHS
+from vaebuild.verify.compare import TiledRuntimes, run_row, run_tiled_row
 from vaebuild.verify.plan import (
     VerifyOptions,
     check_engine_file,
     find_onnx_files,
     plan_rows,
+    plan_tiled_rows,
     resolve_max_side,
     without_repeated_onnx_rows,
 )
 from vaebuild.verify.reference import ReferenceCache, load_reference, model_source, reference_device
 from vaebuild.verify.report import PASS, VerifyReport
+from vaebuild.verify.sizes import FolderSizes
 
 
 def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) -> VerifyReport:
@@ -37,6 +41,9 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
 
     device = reference_device(options.device)
     max_side = resolve_max_side(options, device)
+    # Which engines serve the --sizes (a size none serves is an error before anything loads), and the tiled rows'.
+    sizes = FolderSizes(folder) if options.sizes or manifest.get("tiles") else None
+    extra = sizes.extra_rows(options.sizes) if sizes else {}
     source = model_source(manifest, options, folder)
     log(f"loading the PyTorch reference ({source.describe()['kind']}) ...")
     vae, weights_hash = load_reference(source, manifest["weights_sha256"])
@@ -56,13 +63,14 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
         engines=[],
         onnx=[{"graph": g, "path": str(f.path), "sha256": f.sha256, "problem": f.problem} for g, f in onnx_files.items()],
     )
-    plans = []
+    plans, problems = [], {}
     for entry in manifest["engines"]:
         precision = entry.get("precision", manifest["precision"])
         report.tolerances.setdefault(precision, options.tolerances(precision))
         version_checked = get_backend(entry["backend"]).version_mismatch_fails
         problem = check_engine_file(folder, entry, installed.get(entry["backend"]) if version_checked else None,
                                     weights_hash)
+        problems[entry["path"]] = problem
         report.engines.append({
             "path": entry["path"], "graph": entry["graph"], "backend": entry["backend"],
             "backend_version": entry.get("backend_version"), "installed_version": installed.get(entry["backend"]),
@@ -70,16 +78,26 @@ def verify_build(folder, options: VerifyOptions = VerifyOptions(), log=print) ->
         })
         if problem:
             log(f"error: engine {problem}")
-        plans.extend(plan_rows(folder, entry, precision, problem, onnx_files, unavailable, max_side, options))
+        if entry["graph"] in GRAPHS:  # tile engines are checked through the tiled rows
+            plans.extend(plan_rows(folder, entry, precision, problem, onnx_files, unavailable, max_side, options,
+                                   extra.get(entry["path"], ())))
+    if sizes and manifest.get("tiles"):
+        plans.extend(plan_tiled_rows(folder, manifest, sizes, problems, unavailable, max_side, options))
 
     plans = without_repeated_onnx_rows(plans)
     weights = _folder_weights(folder, manifest)
-    for index, (row, context) in enumerate(plans, start=1):
-        if row.status is None:
-            run_row(row, context, reference, options, weights)
-        report.rows.append(row)
-        detail = f": {row.reason}" if row.reason and row.status != PASS else ""
-        log(f"[{index}/{len(plans)}] {row.where} {row.runner}: {row.status}{detail}")
+    runtimes = TiledRuntimes(folder, manifest)
+    try:
+        for index, (row, context) in enumerate(plans, start=1):
+            if row.status is None and context.get("tiled"):
+                run_tiled_row(row, context, reference, options, runtimes)
+            elif row.status is None:
+                run_row(row, context, reference, options, weights)
+            report.rows.append(row)
+            detail = f": {row.reason}" if row.reason and row.status != PASS else ""
+            log(f"[{index}/{len(plans)}] {row.where} {row.runner}: {row.status}{detail}")
+    finally:
+        runtimes.release()
     report.seconds = time.perf_counter() - start
     return report
 
