@@ -171,7 +171,7 @@ def test_tiles_bench_runs_on_the_cpu(folder, tmp_path):
     spec.loader.exec_module(tiles_bench)
     out = tmp_path / "results"
     record = tiles_bench.main([
-        "--engines", str(folder), "--out", str(out), "--device", "cpu", "--sizes", "64x64,136x32,512x512",
+        "--engines", str(folder), "--out", str(out), "--device", "cpu", "--sizes", "64x64,512x512",
         "--tiles", "48x64,32x32", "--diffusers-sizes", "64x64", "--diffusers-tile", "32", "--runs", "1",
         "--warmup", "0", "--diffusers-runs", "1",
     ])
@@ -180,9 +180,8 @@ def test_tiles_bench_runs_on_the_cpu(folder, tmp_path):
         assert rows["64x64", graph, "untiled", None]["median_ms"] > 0
         for tile in ("48x64", "32x32"):
             assert rows["64x64", graph, "tiled", tile]["max_abs"] <= 1e-5
-            assert rows["136x32", graph, "tiled", tile]["median_ms"] > 0
             assert rows["512x512", graph, "tiled", tile]["note"].startswith("not served: ")
-        assert rows["136x32", graph, "untiled", None]["note"].startswith("not served: ")
+        assert rows["512x512", graph, "untiled", None]["note"].startswith("not served: ")
     diffusers = rows["64x64", "decoder", "diffusers tiled", None]
     assert diffusers["max_abs"] > 1e-5 and diffusers["max_abs_vs_diffusers_untiled"] > 1e-5  # blended, not exact
     assert rows["64x64", "decoder", "diffusers untiled", None]["max_abs"] <= 1e-4
