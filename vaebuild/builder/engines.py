@@ -126,14 +126,15 @@ def profile_shapes(graph, profile, record):
 
 
 def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print, allow_non_fp16=False, summary=None,
-                  tile=None):
+                  tile=None, static_spec=None):
     """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`.
 
     `source` is a `BuildSource` (or, for the TensorRT backends, a `vaebuild export` folder). With
     `options.jobs > 1` packages compile in that many worker processes. A non-fp16 TensorRT build needs
     `allow_non_fp16` (see `vaebuild.contracts`); `summary`, a `vaebuild.summary.RunSummary`, records
     each engine as built, skipped or failed. `tile` (height, width image pixels; inductor only) adds the exact-tile
-    packages (`vaebuild.builder.tiles`).
+    packages (`vaebuild.builder.tiles`). `static_spec` (a static spec; multiprofile builds only) adds its static
+    pairs to the folder, `<name>/vae_{encoder,decoder}`: a mixed folder (docs/runtime.md#mixed-folders).
     """
     if not isinstance(source, BuildSource):
         source = BuildSource.from_onnx_dir(source)
@@ -145,6 +146,8 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
     if previous["kind"] != kind:
         raise UserInputError(f"{out_dir} already holds a {previous['kind']} build; pass another --out")
     plan = planned_engines(spec, kind, backend.file_suffix)
+    if static_spec is not None:  # exact-size pairs beside the multi-profile pair (vaebuild.builder.run checks the kinds)
+        plan += planned_engines(static_spec, "static", backend.file_suffix)
     if tile:
         from vaebuild.builder.tiles import add_tile_graphs, tile_plan
 
@@ -169,6 +172,8 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
         "single_frame_fold": record["single_frame_fold"],
         "build_options": options_dict,
     }
+    if static_spec is not None:
+        header["static_spec"] = {"path": str(static_spec.path), "names": list(static_spec.names)}
     if tile:
         from vaebuild.builder.tiles import tiles_header
 

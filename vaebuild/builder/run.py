@@ -48,6 +48,9 @@ class BuildRequest:
     export: ExportSettings = field(default_factory=ExportSettings)
     builder: BuilderSettings = field(default_factory=BuilderSettings)
     tile: tuple[int, int] | None = None  # exact-tile packages: the tile's core (height, width) in image pixels
+    # multiprofile only: a static spec whose exact-size pairs join the multi-profile pair (a mixed folder)
+    static_spec: str | None = None
+    static_ratios: tuple[str, ...] = ()  # entries of static_spec to build; empty: all
 
 
 def run_build(request: BuildRequest, log=print, summary=None):
@@ -86,6 +89,7 @@ def run_build(request: BuildRequest, log=print, summary=None):
     spec = load_spec(find_spec(request.spec) if request.spec else default_spec_path(request.kind))
     if request.ratios:
         spec = spec.select(list(request.ratios))
+    static_spec = _static_spec(request)
     check_output_folder(out)
     if request.onnx is not None and request.model is not None:
         raise UserInputError("pass either --onnx or the model options (--model/--random-init), not both")
@@ -104,12 +108,34 @@ def run_build(request: BuildRequest, log=print, summary=None):
         source = export_for_build(_model(request), export_options, out, log=log)
     else:
         source = request.onnx
+    extra = {"static_spec": static_spec} if static_spec is not None else {}
     manifest = build_engines(request.kind, spec, source, out, options, log=log,
-                             allow_non_fp16=builder.allow_non_fp16, summary=summary, tile=request.tile)
+                             allow_non_fp16=builder.allow_non_fp16, summary=summary, tile=request.tile, **extra)
     if summary:
         summary.details.update(manifest=str(Path(out) / "manifest.json"), runtime_contract=manifest["runtime_contract"],
                                spec=str(spec.path), backend=builder.backend)
+        if static_spec is not None:
+            summary.details["static_spec"] = str(static_spec.path)
     return manifest
+
+
+def _static_spec(request):
+    """The validated `--static-spec` of a multiprofile request (restricted to `--static-ratios`), or None."""
+    from vaebuild.builder.specs import find_spec, load_spec
+
+    if request.static_spec is None:
+        if request.static_ratios:
+            raise UserInputError("--static-ratios selects entries of --static-spec; pass --static-spec too "
+                                 "(e.g. --static-spec qwen_image_edit)")
+        return None
+    if request.kind != "multiprofile":
+        raise UserInputError(f"--static-spec adds exact-size pairs to a multiprofile folder; `vaebuild {request.kind}` "
+                             "builds static pairs from --spec already: drop --static-spec")
+    spec = load_spec(find_spec(request.static_spec))
+    if spec.kind != "static":
+        raise UserInputError(f"--static-spec {spec.path} is a {spec.kind} spec; pass a static spec "
+                             "(e.g. qwen_image_edit, all_static or a YAML file with kind: static)")
+    return spec.select(list(request.static_ratios)) if request.static_ratios else spec
 
 
 def _model(request):

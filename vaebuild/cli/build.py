@@ -74,6 +74,21 @@ TileOption = Annotated[
                  "e.g. 512x512): any size up to max_side decodes and encodes in bounded memory, equal to untiled.",
                  rich_help_panel="Builder"),
 ]
+StaticSpecOption = Annotated[
+    Optional[str],
+    typer.Option("--static-spec", help="Also build one static-shape pair per entry of this static spec "
+                 "(a YAML path or a shipped name, e.g. qwen_image_edit) into the same folder, sharing its weights and "
+                 "manifest: the runtime serves those exact sizes from them and every other size from the multi-profile "
+                 "pair."),
+]
+StaticRatiosOption = Annotated[
+    Optional[str],
+    typer.Option("--static-ratios", help="Comma-separated --static-spec entries to build, e.g. "
+                 "1024x1024,1184x896 (default: all)."),
+]
+# `vaebuild static` builds static pairs from --spec: the two options above are hidden there (and refused if given).
+_HiddenStaticSpec = Annotated[Optional[str], typer.Option("--static-spec", hidden=True)]
+_HiddenStaticRatios = Annotated[Optional[str], typer.Option("--static-ratios", hidden=True)]
 ComputeCapabilityOption = Annotated[
     Optional[list[str]],
     typer.Option("--compute-capability", help="Target GPU, e.g. 8.6 (tensorrt_rtx only; repeatable).",
@@ -93,8 +108,14 @@ def _parse_compute_capabilities(values):
     return tuple(targets)
 
 
+def _split(names):
+    return tuple(name.strip() for name in (names or "").split(",") if name.strip())
+
+
 def _build_command(kind, summary):
-    """The Typer command for one build kind; `static` and `multiprofile` share every option."""
+    """The Typer command for one build kind; `static` and `multiprofile` share every option (`--static-spec` and
+    `--static-ratios` are multiprofile's)."""
+    multi = kind == "multiprofile"
 
     def command(
         out: OutOption,
@@ -119,6 +140,8 @@ def _build_command(kind, summary):
         jobs: JobsOption = 1,
         allow_non_fp16: AllowNonFp16Option = False,
         tile: TileOption = None,
+        static_spec: StaticSpecOption if multi else _HiddenStaticSpec = None,
+        static_ratios: StaticRatiosOption if multi else _HiddenStaticRatios = None,
         json_path: JsonSummaryOption = None,
     ):
         from vaebuild.builder.run import BuilderSettings, BuildRequest, ExportSettings, run_build
@@ -133,7 +156,7 @@ def _build_command(kind, summary):
                 model=model_source(model, random_init, seed, config, allow_pickle) if (model or random_init) else None,
                 onnx=onnx,
                 spec=spec,
-                ratios=tuple(name.strip() for name in (ratios or "").split(",") if name.strip()),
+                ratios=_split(ratios),
                 export=ExportSettings(precision=precision, opset=opset, fold=fold, device=device),
                 builder=BuilderSettings(
                     backend=backend, opt_level=opt_level, workspace_gib=workspace_gib, timing_cache=timing_cache,
@@ -141,6 +164,8 @@ def _build_command(kind, summary):
                     jobs=jobs, allow_non_fp16=allow_non_fp16,
                 ),
                 tile=parse_tile(tile),
+                static_spec=static_spec,
+                static_ratios=_split(static_ratios),
             )
             manifest = run_build(request, log=log, summary=summary)
         typer.echo(f"{len(manifest['engines'])} engine(s) in {out}; manifest: {out}/manifest.json")
@@ -154,5 +179,6 @@ static = _build_command(
     "static", "Build one static-shape engine pair per aspect ratio: OUT/RATIO/vae_{encoder,decoder}.trt (.pt2 for inductor)."
 )
 multiprofile = _build_command(
-    "multiprofile", "Build one encoder and one decoder engine holding every profile of the spec, in spec order."
+    "multiprofile", "Build one encoder and one decoder engine holding every profile of the spec, in spec order (with "
+    "--static-spec, also static pairs of exact sizes beside them)."
 )

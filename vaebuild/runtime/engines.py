@@ -18,6 +18,7 @@ from pathlib import Path
 from vaebuild.backends import get_backend
 from vaebuild.errors import UserInputError, VaebuildError, one_line
 from vaebuild.manifest import MANIFEST_NAME
+from vaebuild.model import GRAPHS
 from vaebuild.runtime.fallback import FallbackModel
 from vaebuild.runtime.folder import SPATIAL, choose_profile, image_size, read_engine_dir
 
@@ -88,7 +89,10 @@ class VaeRuntime:
     ):
         """
         engine_dir: a folder written by `vaebuild static` or `vaebuild multiprofile`.
-        multi_profile: which of the two it must be (None: whatever its manifest says).
+        multi_profile: which of the two it must be (None: whatever its manifest says). A mixed folder (`multiprofile
+            --static-spec`: multi-profile engines plus static pairs) is a multi-profile one: None or True serves each
+            shape from a static pair of its exact size, else from the multi-profile engine; False serves only its
+            static pairs (the multi-profile engines are never loaded).
         fallback_vae: an AutoencoderKLQwenImage for the PyTorch fallback (default: load the manifest's model
             source on first need).
         device: where engines and the fallback run (default: cuda if available, else cpu).
@@ -110,15 +114,21 @@ class VaeRuntime:
 
         self.engine_dir = Path(engine_dir)
         self.manifest, self._entries = read_engine_dir(self.engine_dir)
+        kind = self.manifest["kind"]
+        # A mixed folder: a multiprofile build that also holds static pairs (`vaebuild multiprofile --static-spec`).
+        self.mixed = kind == "multiprofile" and any(e.static_pair for g in GRAPHS for e in self._entries[g])
         if multi_profile is None:
-            multi_profile = self.manifest["kind"] == "multiprofile"
+            multi_profile = kind == "multiprofile"
         self.multi_profile = bool(multi_profile)
         expected_kind = "multiprofile" if self.multi_profile else "static"
-        if self.manifest["kind"] != expected_kind:
+        if kind != expected_kind and not self.mixed:
             raise UserInputError(
-                f"{self.engine_dir} holds a {self.manifest['kind']} build but multi_profile={self.multi_profile}; "
-                f"set multi_profile={self.manifest['kind'] == 'multiprofile'}"
+                f"{self.engine_dir} holds a {kind} build but multi_profile={self.multi_profile}; "
+                f"set multi_profile={kind == 'multiprofile'}"
             )
+        if self.mixed and not self.multi_profile:  # its static pairs only, as a static folder
+            for graph in GRAPHS:
+                self._entries[graph] = [e for e in self._entries[graph] if e.static_pair]
         all_entries = [e for entries in self._entries.values() for e in entries]
         if resident is None:
             packages = all_entries and all(e.backend == "inductor" for e in all_entries)
@@ -247,12 +257,10 @@ class VaeRuntime:
 
     def prepare(self, graph, shape):
         """Load the engine that serves inputs of `shape` and return its `Route`; EngineUnavailableError says why none."""
-        entry, profile, reason = self._plan(graph, tuple(shape))
-        if entry is not None:
-            runner, reason = self._runner_for(entry, profile)
-            if runner is not None:
-                return Route("engine", entry.rel_path, profile.index)
-        raise EngineUnavailableError(reason)
+        entry, profile, runner, reason = self._serving(graph, tuple(shape))
+        if runner is None:
+            raise EngineUnavailableError(reason)
+        return Route("engine", entry.rel_path, profile.index)
 
     def release(self):
         """Deactivate every engine in memory (they load again on their next use) and drop the shared weights.
@@ -300,17 +308,16 @@ class VaeRuntime:
         with torch.no_grad():
             if self.tiles.wanted(graph, x):
                 return self.tiles.run(graph, x)
-            entry, profile, reason = self._plan(graph, tuple(x.shape))
-            if entry is not None:
-                runner, reason = self._runner_for(entry, profile)
-                if runner is not None:
-                    try:
-                        out = self._infer(runner, entry, x, profile)
-                    except Exception as err:  # foreign runtime: CUDA OOM, TensorRT errors, ...
-                        reason = self._run_failed(entry, err)
-                    else:
-                        self.last_route[graph] = Route("engine", entry.rel_path, profile.index)
-                        return out
+            entry, profile, runner, reason = self._serving(graph, tuple(x.shape))
+            if runner is not None:
+                try:
+                    out = self._infer(runner, entry, x, profile)
+                except Exception as err:  # foreign runtime: CUDA OOM, TensorRT errors, ...
+                    # Not retried on another engine: after a CUDA fault that one would fail too (and never be retried).
+                    reason = self._run_failed(entry, err)
+                else:
+                    self.last_route[graph] = Route("engine", entry.rel_path, profile.index)
+                    return out
             return self._fallback(graph, x, reason)
 
     def _run_failed(self, entry, err):
@@ -340,31 +347,78 @@ class VaeRuntime:
             )
 
     def _plan(self, graph, shape):
-        """(entry, profile, None) of the engine that serves `shape`, or (None, None, reason)."""
+        """(entry, profile, None) of the fastest engine that serves `shape`, or (None, None, reason)."""
+        candidates, reason = self._candidates(graph, shape)
+        return (*candidates[0], None) if candidates else (None, None, reason)
+
+    def _candidates(self, graph, shape):
+        """([(entry, profile)] of the engines that serve `shape`, fastest first, and why none does when it is empty.
+
+        Static folder: the pair built for the exact (height, width). Multi-profile folder: its multi-profile engine,
+        with `choose_profile`'s profile. Mixed folder: a static pair whose shape is exactly `shape`, then the
+        multi-profile engine."""
         entries = self._entries[graph]
         if not entries:
-            return None, None, f"{self.engine_dir / MANIFEST_NAME} lists no {graph} engine"
-        if self.multi_profile:
-            entry = entries[0]
+            return [], f"{self.engine_dir / MANIFEST_NAME} lists no {graph} engine"
+        if not self.multi_profile:
+            return self._static_candidates(graph, entries, shape)
+        pairs = [e for e in entries if e.static_pair] if self.mixed else []
+        dynamic = [e for e in entries if not e.static_pair] if self.mixed else entries[:1]
+        found = [(e, e.profiles[0]) for e in pairs if e.profiles[0].contains(shape)]  # static: min == max
+        reasons = []
+        for entry in dynamic[:1]:
             profile = choose_profile(entry.profiles, shape)
-            if profile is None:
+            if profile is not None:
+                found.append((entry, profile))
+            else:
                 ranges = "; ".join(p.describe() for p in entry.profiles)
-                return None, None, f"no profile of {entry.rel_path} contains input {list(shape)} (profiles: {ranges})"
-            return entry, profile, None
+                reasons.append(f"no profile of {entry.rel_path} contains input {list(shape)} (profiles: {ranges})")
+        if found:
+            return found, None
+        scale = entries[0].scale
+        if pairs:
+            built = ", ".join(image_size(e.profiles[0].opt, scale) for e in pairs)
+            reasons.append(f"no static pair of input {list(shape)} (static pairs, HxW: {built})")
+        reason = "; ".join(reasons)
+        largest = [max(p.max[i] for e in entries for p in e.profiles) for i in (3, 4)]
+        if shape[3] > largest[0] or shape[4] > largest[1]:
+            reason = (f"image size {image_size(shape, scale)} (HxW) is past the largest {self.engine_dir} serves "
+                      f"({image_size((0, 0, 0, *largest), scale)}): {reason}")
+        return [], reason
+
+    def _static_candidates(self, graph, entries, shape):
+        """`_candidates` of a static folder (or a mixed folder's static pairs, with `multi_profile=False`)."""
         for entry in entries:
             profile = entry.profiles[0]
             if profile.opt[SPATIAL] == shape[SPATIAL]:
                 if not profile.contains(shape):
-                    return None, None, (
-                        f"static engine {entry.rel_path} takes input {list(profile.opt)}, got {list(shape)}"
-                    )
-                return entry, profile, None
+                    return [], f"static engine {entry.rel_path} takes input {list(profile.opt)}, got {list(shape)}"
+                return [(entry, profile)], None
         scale = entries[0].scale
         built = ", ".join(f"{e.profiles[0].name} {image_size(e.profiles[0].opt, scale)}" for e in entries)
-        return None, None, (
+        return [], (
             f"no static engine in {self.engine_dir} for image size {image_size(shape, scale)} "
             f"(HxW; {graph} input {list(shape)}; built: {built})"
         )
+
+    def _serving(self, graph, shape):
+        """(entry, profile, active runner, None) of the fastest engine that serves `shape` and can run here (a faster
+        one that cannot is skipped, its reason logged once), else (None, None, None, reason)."""
+        candidates, reason = self._candidates(graph, shape)
+        for index, (entry, profile) in enumerate(candidates):
+            runner, reason = self._runner_for(entry, profile)
+            if runner is not None:
+                return entry, profile, runner, None
+            if index + 1 < len(candidates):
+                self._warn_once(f"{graph}: {reason}; {candidates[index + 1][0].rel_path} serves instead")
+        return None, None, None, reason
+
+    def _warn_once(self, message):
+        with self._lock:
+            if message in self._warned:
+                return
+            self._warned.add(message)
+        logger.warning("%s", message)
 
     def _runner_for(self, entry, profile):
         """(active runner, None) or (None, reason); loads lazily within the memory budget (loaded with `profile`;

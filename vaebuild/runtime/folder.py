@@ -46,6 +46,19 @@ class EngineEntry:
     scale: float  # image side / input side: 1 for the encoder, 8 for the decoder
     raw: dict  # the manifest entry itself (backends read their own fields from it)
 
+    @property
+    def static_pair(self) -> bool:
+        """Whether this is a static pair's engine (`<name>/vae_<graph>.*`, one exact size) rather than a multi-profile
+        one (`vae_<graph>_multi_profile.*`); a mixed folder (`multiprofile --static-spec`) holds both."""
+        folder, _, name = self.rel_path.rpartition("/")
+        return bool(folder) and name.startswith(f"vae_{self.graph}.")
+
+    def image_range(self) -> str:
+        """'HxW..HxW' image pixels its profiles span together (smallest min to largest max side)."""
+        low = [min(p.min[i] for p in self.profiles) for i in (3, 4)]
+        high = [max(p.max[i] for p in self.profiles) for i in (3, 4)]
+        return f"{image_size((0, 0, 0, *low), self.scale)}..{image_size((0, 0, 0, *high), self.scale)}"
+
 
 def choose_profile(profiles, shape):
     """The profile for `shape`: among those containing it, nearest opt (H, W) by L1, ties to the lowest index.
