@@ -1,7 +1,11 @@
 """Helpers for kernels that read through TMA tensor descriptors (Triton and Gluon alike)."""
 
+import threading
+
 import torch
 import triton
+
+_THREAD = threading.local()
 
 
 def _scratch(size, align, stream):
@@ -9,10 +13,17 @@ def _scratch(size, align, stream):
 
 
 def set_tma_allocator():
-    """Give Triton the scratch allocator device-side tensor descriptors need, in the calling thread.
+    """Give Triton the scratch allocator device-side tensor descriptors need, once in each calling thread.
 
-    Call it before every launch: Triton keeps the allocator in a context variable, so a thread that never set it
-    gets the null allocator, whose error fails the launch (seen as a package's `run_func_ ... API call failed` when
-    8 threads called the runtime on an H200). Setting it costs a context-variable write.
+    Triton keeps the allocator in a context variable, so a thread that never set it gets the null allocator, whose
+    error fails the launch (seen as a package's `run_func_ ... API call failed` when 8 threads called the runtime on
+    an H200): set per thread, not once per process.
     """
-    triton.set_allocator(_scratch)
+    if not getattr(_THREAD, "allocator_set", False):
+        triton.set_allocator(_scratch)
+        _THREAD.allocator_set = True
+def loadable(t, tma):
+    """Whether a kernel reads `t` in place: unit column stride, and 16-byte alignment for TMA."""
+    size = t.element_size()
+    aligned = (t.storage_offset() * size) % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    return t.stride(-1) == 1 and (aligned or not tma)
