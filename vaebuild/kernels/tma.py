@@ -22,6 +22,8 @@ def set_tma_allocator():
     if not getattr(_THREAD, "allocator_set", False):
         triton.set_allocator(_scratch)
         _THREAD.allocator_set = True
+
+
 def loadable(t, tma):
     """Whether a kernel reads `t` in place: unit column stride, and 16-byte alignment for TMA."""
     size = t.element_size()
