@@ -1,8 +1,10 @@
-"""Faults: concurrent builds into one folder, file-system errors, Ctrl-C, file modes and pickled weights.
+"""Faults: concurrent builds into one folder, file-system errors, Ctrl-C, file modes, pickled weights and
+crashing compile workers.
 
 Where it matters the CLI runs as a real process (`python -c "from vaebuild.cli import main; main()"`
 with this checkout first on PYTHONPATH); full disks are simulated in-process. Engines are real
-TensorRT-RTX builds of the tiny VAE export at small sizes (about a second each on a CPU).
+TensorRT-RTX builds of the tiny VAE export at small sizes (about a second each on a CPU); the `--jobs`
+worker faults use CPU AOTInductor packages (one real compile, ~25 s, in the whole section).
 """
 
 import builtins
@@ -14,6 +16,8 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from typer.testing import CliRunner
 
 import vaebuild
 from conftest import requires_rtx
+from vaebuild.backends.base import BuildOptions
+from vaebuild.backends.inductor import InductorBackend
 from vaebuild.cli import app
 from vaebuild.cli.errors import format_os_error
 from vaebuild.errors import FILE_SYSTEM_EXIT_CODE, INTERRUPTED_EXIT_CODE, ModelLoadError
@@ -77,6 +83,17 @@ def sigint_as_in_a_shell():
     """
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_raises():
+    """In this process for the test: SIGINT unblocked and raising KeyboardInterrupt, whatever pytest inherited
+    (a background job of a script starts with SIGINT ignored)."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    signal.signal(signal.SIGINT, handler)
 
 
 def run_vaebuild(*args, timeout=120, **popen_kwargs):
@@ -336,6 +353,41 @@ def test_sigint_during_a_build_exits_130_and_lists_only_finished_engines(tiny_on
     assert partial_files(out) == []
 
 
+@requires_rtx
+def test_sigint_inside_a_tensorrt_callback_cancels_the_build(tiny_onnx_dir, tmp_path, monkeypatch, sigint_raises):
+    """The signal lands while TensorRT is calling Polygraphy's logger, the case TensorRT used to swallow."""
+    from vaebuild.backends.tensorrt import build_engine
+    from vaebuild.backends.trt_import import import_polygraphy_trt
+
+    import_polygraphy_trt("tensorrt_rtx")  # binds Polygraphy before its TensorRT modules are imported
+    from polygraphy.backend.trt.util import get_trt_logger
+
+    logger_type = type(get_trt_logger())
+    real_log, sent = logger_type.log, []
+
+    def log_then_ctrl_c(self, severity, msg):
+        if not sent:
+            sent.append(msg)
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside this callback
+        return real_log(self, severity, msg)
+
+    monkeypatch.setattr(logger_type, "log", log_then_ctrl_c)
+    terminated = []  # Polygraphy's logger turns a KeyboardInterrupt it catches into SIGTERM
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *args: terminated.append(args))
+    engine = tmp_path / "vae_decoder.trt"
+    profile = {"latents": ((1, 4, 1, 8, 8), (1, 4, 1, 12, 12), (1, 4, 1, 16, 16))}
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            build_engine(tiny_onnx_dir / "vae_decoder.onnx", engine, [profile], BuildOptions(backend="tensorrt_rtx"))
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+    assert sent and not terminated
+    assert "failed" in str(caught.value.__context__)  # TensorRT stopped: the cancelled build's error, replaced
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_during_export_is_one_line(tiny_vae_dir, tmp_path, monkeypatch):
     import vaebuild.export.onnx
 
@@ -397,3 +449,143 @@ def test_pickled_folder_needs_allow_pickle(pickled_vae_dir, tiny_vae, tmp_path, 
     assert result.exit_code == 2
     one_error_line(result.stderr, str(pickled_vae_dir), "--allow-pickle")
     assert not out.exists()
+
+
+# --- crashing compile workers (--jobs) -----------------------------------------------------------
+
+# Test-only: read by `compile_with_faults` in the worker processes (which inherit the environment).
+FAULTS_ENV = "VAEBUILD_TEST_WORKER_FAULTS"
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+def compile_with_faults(request):
+    """`build_from_request` for these tests, put on the backend class; the spawned worker imports it from here.
+
+    FAULTS_ENV holds {"attempts": folder, "faults": {engine file name: [fault of attempt 1, of attempt 2, ...]}};
+    a fault is "raise" (a CUDA-like error), "user_error", "exit" or "kill" (the process dies half-way through
+    writing its package), "hang", or "compile" (the real compile, also for attempts past the list).
+    """
+    from vaebuild.backends.inductor.compile import compile_package
+    from vaebuild.errors import UserInputError
+
+    if signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        raise RuntimeError("a worker must start with SIGINT blocked (Ctrl-C is the parent's to handle)")
+    plan = json.loads(os.environ[FAULTS_ENV])
+    engine = Path(request["engine_path"])
+    attempts = Path(plan["attempts"])
+    attempt = len(list(attempts.glob(f"{engine.name}.*"))) + 1
+    (attempts / f"{engine.name}.{attempt}").write_text(str(os.getpid()))
+    faults = plan["faults"].get(engine.name, [])
+    fault = faults[attempt - 1] if attempt <= len(faults) else "compile"
+    if fault == "raise":
+        raise RuntimeError(ILLEGAL_ACCESS)
+    if fault == "user_error":
+        raise UserInputError("a problem a retry cannot fix")
+    if fault in ("exit", "kill", "hang"):
+        engine.parent.mkdir(parents=True, exist_ok=True)  # a half-written package, named as compile_package does
+        fd, _ = tempfile.mkstemp(prefix=f".{engine.name}.", suffix=f".{os.getpid()}.pt2", dir=engine.parent)
+        os.write(fd, b"half a package")
+        if fault == "exit":
+            os._exit(1)
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)
+    return compile_package(request)
+
+
+@pytest.fixture
+def worker_faults(tmp_path, monkeypatch):
+    """Set the faults of the compile workers: `worker_faults({"vae_decoder.pt2": ["kill"]})`; returns the attempts'
+    folder, where each attempt leaves a file `NAME.N` holding its worker's pid."""
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    monkeypatch.setattr(InductorBackend, "build_from_request", staticmethod(compile_with_faults))
+
+    def set_faults(faults):
+        monkeypatch.setenv(FAULTS_ENV, json.dumps({"attempts": str(attempts), "faults": faults}))
+        return attempts
+
+    return set_faults
+
+
+def inductor_args(tiny_vae_dir, tmp_path, out):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('kind: static\nmax_side: 128\nprofiles:\n  - {name: "a", height: 32, width: 48, batch: 1}\n')
+    return ["static", "--model", tiny_vae_dir, "--spec", spec, "--backend", "inductor", "--device", "cpu",
+            "--precision", "fp32", "--jobs", 2, "--out", out, "--json", tmp_path / "summary.json"]
+
+
+def attempts_of(attempts):
+    return sorted(p.name for p in attempts.iterdir())
+
+
+def test_a_crashed_worker_fails_only_its_package_after_one_retry(tiny_vae_dir, tmp_path, monkeypatch, worker_faults):
+    """The encoder's first worker raises (a CUDA fault) and its retry builds it; the decoder's worker dies twice
+    (os._exit, then SIGKILL) half-way through writing: the decoder fails, the encoder is listed."""
+    out = tmp_path / "out"
+    attempts = worker_faults({"vae_encoder.pt2": ["raise"], "vae_decoder.pt2": ["exit", "kill"]})
+
+    result = invoke(monkeypatch, *inductor_args(tiny_vae_dir, tmp_path, out))
+
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, "1 of 2 package(s) failed to compile: a/vae_decoder.pt2", "re-run")
+    assert f"a/vae_encoder.pt2: compile failed (RuntimeError: {ILLEGAL_ACCESS}); retrying in a fresh process" in result.stdout
+    assert "a/vae_decoder.pt2: compile failed (the worker process exited with code 1 before reporting a result)" in result.stdout
+    assert "a/vae_decoder.pt2: failed: the worker process was killed by SIGKILL" in result.stdout
+    assert attempts_of(attempts) == ["vae_decoder.pt2.1", "vae_decoder.pt2.2", "vae_encoder.pt2.1", "vae_encoder.pt2.2"]
+    assert len({p.read_text() for p in attempts.iterdir()}) == 4  # every attempt in a fresh process
+    assert listed_engines_are_intact(out) == ["a/vae_encoder.pt2"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted([
+        LOCK_NAME, MANIFEST_NAME, "a/vae_encoder.pt2", "weights.safetensors"])  # nothing the dead workers wrote
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [item["path"] for item in summary["built"]] == ["a/vae_encoder.pt2"]
+    assert summary["failed"] == [{"path": "a/vae_decoder.pt2", "error": "the worker process was killed by SIGKILL"}]
+    assert not summary["ok"] and "a/vae_decoder.pt2" in summary["error"]
+
+    worker_faults({})  # fixed: a re-run compiles only the failed package
+    result = invoke(monkeypatch, *inductor_args(tiny_vae_dir, tmp_path, out))
+    assert result.exit_code == 0, result.output
+    assert "a/vae_encoder.pt2: up to date, skipped" in result.stdout
+    assert listed_engines_are_intact(out) == ["a/vae_decoder.pt2", "a/vae_encoder.pt2"]
+
+
+def test_a_user_error_in_a_worker_is_not_retried(tiny_vae_dir, tmp_path, monkeypatch, worker_faults):
+    out = tmp_path / "out"
+    attempts = worker_faults({"vae_encoder.pt2": ["user_error"], "vae_decoder.pt2": ["kill", "raise"]})
+
+    result = invoke(monkeypatch, *inductor_args(tiny_vae_dir, tmp_path, out))
+
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, "2 of 2 package(s) failed to compile: a/vae_encoder.pt2, a/vae_decoder.pt2")
+    assert "a/vae_encoder.pt2: failed: a problem a retry cannot fix" in result.stdout
+    assert f"a/vae_decoder.pt2: failed: RuntimeError: {ILLEGAL_ACCESS}" in result.stdout
+    assert attempts_of(attempts) == ["vae_decoder.pt2.1", "vae_decoder.pt2.2", "vae_encoder.pt2.1"]
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.suffix == ".pt2"] == []
+
+
+def test_ctrl_c_during_worker_compiles_ends_the_workers(tiny_vae_dir, tmp_path, monkeypatch, worker_faults,
+                                                        sigint_raises):
+    out = tmp_path / "out"
+    attempts = worker_faults({"vae_encoder.pt2": ["hang"], "vae_decoder.pt2": ["hang"]})
+    main_thread = threading.main_thread().ident
+
+    def ctrl_c_once_both_compile():
+        deadline = time.monotonic() + 120
+        while len(list(attempts.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the workers have written their partial files
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    sender = threading.Thread(target=ctrl_c_once_both_compile)
+    sender.start()
+    try:
+        result = invoke(monkeypatch, *inductor_args(tiny_vae_dir, tmp_path, out))
+    finally:
+        sender.join()
+
+    assert result.exit_code == INTERRUPTED_EXIT_CODE, result.output
+    one_error_line(result.stderr, "interrupted")
+    for pid in (int(p.read_text()) for p in attempts.iterdir()):
+        with pytest.raises(ProcessLookupError):  # ended and reaped
+            os.kill(pid, 0)
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.suffix == ".pt2"] == []

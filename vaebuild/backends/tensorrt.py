@@ -11,8 +11,13 @@ optimization profiles handed to the builder, never from the engine file.
 
 This module and `trt_import` are the only ones that touch TensorRT objects; the two flavours differ
 only in `_create_config`, `check_options` and `unavailable_reason`.
+
+Ctrl-C during a build cancels it and raises KeyboardInterrupt once TensorRT returns, before any file is
+written (`_CtrlCDeferred`: TensorRT's callbacks would swallow it).
 """
 
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,31 +111,32 @@ def build_engine(
     pg = import_polygraphy_trt(options.backend)
     from polygraphy.exception import PolygraphyException  # only after the backend is bound
 
-    try:
-        builder, network, parser = pg.loaders.network_from_onnx_path(str(onnx_path), strongly_typed=True)
-    except PolygraphyException as exc:
-        raise UserInputError(f"cannot parse ONNX file {onnx_path}: {one_line(exc, first_line=True)}") from exc
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    input_dims = {tensor.name: tuple(tensor.shape) for tensor in inputs}
-    output_names = tuple(network.get_output(i).name for i in range(network.num_outputs))
-    _check_profiles(profiles, input_dims, onnx_path)
+    with _CtrlCDeferred(pg) as ctrl_c:
+        try:
+            builder, network, parser = pg.loaders.network_from_onnx_path(str(onnx_path), strongly_typed=True)
+        except PolygraphyException as exc:
+            raise UserInputError(f"cannot parse ONNX file {onnx_path}: {one_line(exc, first_line=True)}") from exc
+        inputs = [network.get_input(i) for i in range(network.num_inputs)]
+        input_dims = {tensor.name: tuple(tensor.shape) for tensor in inputs}
+        output_names = tuple(network.get_output(i).name for i in range(network.num_outputs))
+        _check_profiles(profiles, input_dims, onnx_path)
 
-    polygraphy_profiles = [_polygraphy_profile(pg, profile) for profile in profiles]
-    try:
-        config = _create_config(pg, options, polygraphy_profiles)(builder, network)
-        if config.num_optimization_profiles != len(profiles):
-            raise VaebuildError(
-                f"the builder config holds {config.num_optimization_profiles} optimization profiles, "
-                f"expected {len(profiles)}"
+        polygraphy_profiles = [_polygraphy_profile(pg, profile) for profile in profiles]
+        try:
+            config = _create_config(pg, options, polygraphy_profiles, ctrl_c.monitor)(builder, network)
+            if config.num_optimization_profiles != len(profiles):
+                raise VaebuildError(
+                    f"the builder config holds {config.num_optimization_profiles} optimization profiles, "
+                    f"expected {len(profiles)}"
+                )
+            start = time.perf_counter()
+            engine_bytes = pg.loaders.engine_bytes_from_network(
+                (builder, network, parser), config=config, save_timing_cache=_optional_str(options.timing_cache)
             )
-        start = time.perf_counter()
-        engine_bytes = pg.loaders.engine_bytes_from_network(
-            (builder, network, parser), config=config, save_timing_cache=_optional_str(options.timing_cache)
-        )
-        build_seconds = time.perf_counter() - start
-    except PolygraphyException as exc:
-        raise VaebuildError(f"engine build from {onnx_path} failed: {one_line(exc, first_line=True)}") from exc
-    built_profiles = tuple(_read_back_profile(builder, network, profile) for profile in polygraphy_profiles)
+            build_seconds = time.perf_counter() - start
+        except PolygraphyException as exc:
+            raise VaebuildError(f"engine build from {onnx_path} failed: {one_line(exc, first_line=True)}") from exc
+        built_profiles = tuple(_read_back_profile(builder, network, profile) for profile in polygraphy_profiles)
 
     with atomic_output(engine_path) as tmp:
         with open(tmp, "wb") as f:
@@ -148,7 +154,7 @@ def build_engine(
     )
 
 
-def _create_config(pg: PolygraphyTrt, options: BuildOptions, polygraphy_profiles):
+def _create_config(pg: PolygraphyTrt, options: BuildOptions, polygraphy_profiles, progress_monitor=None):
     """Polygraphy's config loader for the backend: the one place the backends' builder settings differ."""
     memory_pool_limits = None
     if options.workspace_gib is not None:
@@ -157,6 +163,7 @@ def _create_config(pg: PolygraphyTrt, options: BuildOptions, polygraphy_profiles
         profiles=polygraphy_profiles,
         builder_optimization_level=options.builder_optimization_level,
         memory_pool_limits=memory_pool_limits,
+        progress_monitor=progress_monitor,
     )
     if pg.backend == "tensorrt_rtx":
         targets = options.compute_capabilities
@@ -165,6 +172,60 @@ def _create_config(pg: PolygraphyTrt, options: BuildOptions, polygraphy_profiles
             targets = list(targets)
         return pg.create_config(compute_capabilities=targets, **common)
     return pg.create_config(load_timing_cache=_optional_str(options.timing_cache), **common)
+
+
+class _CtrlCDeferred:
+    """Within the block SIGINT only sets `requested`: `monitor` then cancels TensorRT's build, and leaving the
+    block raises KeyboardInterrupt (in place of the cancelled build's error, kept as its `__context__`).
+
+    Python's default handler raises KeyboardInterrupt at the next bytecode, which during a build is usually
+    inside Polygraphy's logger callback, where TensorRT catches it (`Exception caught in log()`) and builds on.
+    Polygraphy's messages about the cancelled build are muted. Active only in the main thread over Python's
+    default SIGINT handler (a program with its own handler, or ignoring SIGINT, keeps its behaviour).
+    """
+
+    def __init__(self, pg: PolygraphyTrt):
+        from polygraphy.logger import G_LOGGER
+
+        self._logger = G_LOGGER
+        self._severity = G_LOGGER.module_severity
+        self._previous = None
+        self.requested = False
+        ctrl_c = self
+
+        class StopOnCtrlC(pg.trt.IProgressMonitor):
+            def __init__(self):
+                pg.trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                pass
+
+            def phase_finish(self, phase_name):
+                pass
+
+            def step_complete(self, phase_name, step):
+                return not ctrl_c.requested  # False cancels the build
+
+        self.monitor = StopOnCtrlC()
+
+    def _record(self, signum, frame):
+        self.requested = True
+        self._logger.module_severity = self._logger.CRITICAL + 1
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.requested:
+            self._logger.module_severity = self._severity
+            raise KeyboardInterrupt
+        return False
 
 
 def _check_compute_capabilities(pg: PolygraphyTrt, compute_capabilities) -> None:

@@ -9,17 +9,19 @@ AOTInductor packages) and what an engine is built from (`backends.base`); induct
 """
 
 import json
-from concurrent.futures import ProcessPoolExecutor
+import signal
+from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from multiprocessing import get_context
+from multiprocessing import get_context, resource_tracker
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import vaebuild
 from vaebuild.backends import get_backend
 from vaebuild.backends.base import BuildOptions
 from vaebuild.contracts import runtime_contract
-from vaebuild.errors import UserInputError, one_line
+from vaebuild.errors import UserInputError, VaebuildError, one_line
 from vaebuild.export import RECORD_NAME
 from vaebuild.manifest import MANIFEST_VERSION, build_key, engine_is_current, read_manifest, update_manifest
 from vaebuild.model import GRAPHS
@@ -130,7 +132,8 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
     """Build (or skip, if up to date) every engine of `spec`; return the manifest written to `out_dir`.
 
     `source` is a `BuildSource` (or, for the TensorRT backends, a `vaebuild export` folder). With
-    `options.jobs > 1` packages compile in that many worker processes. A non-fp16 TensorRT build needs
+    `options.jobs > 1` packages compile in that many worker processes, where a package that fails twice
+    does not stop the others (`_build_in_workers`). A non-fp16 TensorRT build needs
     `allow_non_fp16` (see `vaebuild.contracts`); `summary`, a `vaebuild.summary.RunSummary`, records
     each engine as built, skipped or failed. `tile` (height, width image pixels; inductor only) adds the exact-tile
     packages (`vaebuild.builder.tiles`). `static_spec` (a static spec; multiprofile builds only) adds its static
@@ -197,6 +200,11 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
             summary.add("built", rel_path, seconds=round(info.build_seconds, 2), size_bytes=info.size_bytes)
         listed(_engine_entry(rel_path, graph, profiles, record["graphs"][graph], info, key, record, target))
 
+    def failed(rel_path, error):
+        if summary:
+            summary.add("failed", rel_path, error=error)
+        unfinished.remove(rel_path)
+
     # Skip the current engines and build the others, in plan order (or in worker processes).
     try:
         todo = []
@@ -229,7 +237,7 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
                 info = backend.build_engine(source, graph, out_dir / rel_path, requested, options)
                 finished(prefix, rel_path, graph, profiles, info, key)
         if todo:
-            _build_in_workers(source, out_dir, todo, options, log, finished)
+            _build_in_workers(source, out_dir, todo, options, log, finished, failed)
     except BaseException as err:
         if summary:
             for rel_path in unfinished:
@@ -238,19 +246,109 @@ def build_engines(kind, spec, source, out_dir, options: BuildOptions, log=print,
     return manifest
 
 
-def _build_in_workers(source, out_dir, todo, options, log, finished):
-    """Build engines in `options.jobs` fresh processes (`BuildOptions` allows jobs for inductor only, whose backend
-    provides `build_request` and `build_from_request`); the manifest is updated here as each one ends."""
+def _build_in_workers(source, out_dir, todo, options, log, finished, failed):
+    """Build engines in up to `options.jobs` worker processes (`BuildOptions` allows jobs for inductor only, whose
+    backend provides `build_request` and `build_from_request`); the manifest is updated here as each one ends.
+
+    Each package compiles in a fresh spawned process of its own, so a fault that kills or poisons a process (a
+    CUDA illegal memory access, a segfault, the OOM killer) fails only that package. It is retried once in
+    another fresh process (a `VaebuildError`, a problem with the input, is not); if that fails too, the package
+    is reported failed in one line and the others go on. Then a `VaebuildError` names the failed packages.
+    """
     backend = get_backend(options.backend)
-    requests = {
-        prefix: backend.build_request(source, graph, out_dir / rel_path, requested, options)
-        for prefix, rel_path, graph, profiles, requested, key in todo
-    }
-    log(f"compiling {len(todo)} package(s) in {min(options.jobs, len(todo))} worker processes ...")
-    with ProcessPoolExecutor(max_workers=min(options.jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-        futures = {prefix: pool.submit(backend.build_from_request, requests[prefix]) for prefix in requests}
-        for prefix, rel_path, graph, profiles, requested, key in todo:
-            finished(prefix, rel_path, graph, profiles, futures[prefix].result(), key)
+    context = get_context("spawn")
+    jobs = min(options.jobs, len(todo))
+    queue = deque((item, 1) for item in todo)
+    running = {}  # the reading end of a worker's pipe -> (process, engine path, todo item, attempt)
+    failures = []
+    log(f"compiling {len(todo)} package(s) in {jobs} worker processes ...")
+    # Started before any worker: when it starts, the tracker unblocks SIGINT (CPython), which must stay blocked
+    # while a worker starts (below).
+    resource_tracker.ensure_running()
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                item, attempt = queue.popleft()
+                prefix, rel_path, graph, profiles, requested, key = item
+                request = backend.build_request(source, graph, out_dir / rel_path, requested, options)
+                reader, writer = context.Pipe(duplex=False)
+                process = context.Process(target=_compile_in_worker, args=(backend.build_from_request, request, writer))
+                # Started with SIGINT blocked, which it inherits for good: Ctrl-C is this process's to handle
+                # (it ends the workers), and a worker still starting up prints no traceback of its own.
+                unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+                try:
+                    process.start()
+                    running[reader] = (process, out_dir / rel_path, item, attempt)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+                writer.close()  # the worker's end: EOF here once the worker is gone
+            for reader in wait(list(running)):
+                process, engine_path, item, attempt = running[reader]
+                prefix, rel_path, graph, profiles, requested, key = item
+                try:
+                    message = reader.recv()  # ("built", info) or ("failed", error, retry)
+                except EOFError:
+                    message = None
+                _end_worker(process, engine_path)
+                del running[reader]
+                reader.close()
+                if message is not None and message[0] == "built":
+                    finished(prefix, rel_path, graph, profiles, message[1], key)
+                    continue
+                error, retry = message[1:] if message is not None else (_how_it_died(process), True)
+                if attempt == 1 and retry:
+                    log(f"{prefix}: compile failed ({error}); retrying in a fresh process")
+                    queue.appendleft((item, 2))
+                else:
+                    log(f"{prefix}: failed: {error}")
+                    failed(rel_path, error)
+                    failures.append(rel_path)
+    finally:  # Ctrl-C or an error here: no worker outlives the build, nor its temporary files
+        for process, engine_path, _, _ in running.values():
+            _end_worker(process, engine_path, wait_s=0)
+    if failures:
+        failures = [rel_path for _, rel_path, *_ in todo if rel_path in failures]  # in plan order
+        raise VaebuildError(
+            f"{len(failures)} of {len(todo)} package(s) failed to compile: {', '.join(failures)}; the others are "
+            "built and listed in the manifest; re-run to retry the failed ones"
+        )
+
+
+def _compile_in_worker(build_from_request, request, conn):
+    """A worker process: send ("built", EngineInfo) or ("failed", one-line error, whether a retry may help).
+
+    Its temporary files are named `.NAME.*.PID.*` (`compile_package`), so the parent can remove those of a
+    worker that was killed.
+    """
+    try:
+        message = ("built", build_from_request(request))
+    except BaseException as err:
+        user_error = isinstance(err, VaebuildError)  # a problem with the input: a retry cannot help
+        message = ("failed", one_line(err, with_type=not user_error), not user_error)
+    conn.send(message)
+    conn.close()
+
+
+def _end_worker(process, engine_path, wait_s=60):
+    """Wait up to `wait_s` for a worker to exit, kill it if it has not, and remove its temporary files."""
+    process.join(wait_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    for stray in engine_path.parent.glob(f".{engine_path.name}.*.{process.pid}.*"):
+        stray.unlink(missing_ok=True)
+
+
+def _how_it_died(process):
+    """One line on how a worker that sent no result ended."""
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the worker process was killed by {name}"
+    return f"the worker process exited with code {code} before reporting a result"
 
 
 def _engine_entry(rel_path, graph, profiles, graph_record, info, key, record, target):

@@ -9,6 +9,7 @@ launch settings while compiling (coordinate descent). By default packages are we
 (`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds the one copy they share.
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def compile_package(request) -> EngineInfo:
             module, (torch.randn(example, device=device, dtype=dtype),), dynamic_shapes=dynamic_shapes, strict=False
         )
         engine_path = Path(request["engine_path"])
-        with atomic_output(engine_path, suffix=".pt2") as tmp:
+        # The pid in the temporary name: a build whose worker was killed removes what it left (`builder.engines`).
+        with atomic_output(engine_path, suffix=f".{os.getpid()}.pt2") as tmp:
             torch._inductor.aoti_compile_and_package(
                 exported,
                 package_path=str(tmp),
