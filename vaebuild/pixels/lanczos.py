@@ -182,6 +182,7 @@ def resize_pil_lanczos(image, size, device):
     # (benchmarks/results/h200/edit_input_profile.md has the stages).
     return to_pil_images(resize_lanczos(upload_pixels([image], device)[0], size)[None])[0]
 
+
 def _describe(value):
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"

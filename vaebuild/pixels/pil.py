@@ -111,13 +111,17 @@ def rgb_images_from_rgbx(rgbx: np.ndarray) -> list[Image.Image]:
     return images
 
 
+def uploadable(images: list[Image.Image]) -> bool:
+    """Whether `upload_pixels` takes `images`: one mode of `PACKED_MODES`, one size."""
+    return len({(i.mode, i.size) for i in images}) == 1 and images[0].mode in PACKED_MODES
+
+
 def upload_pixels(images: list[Image.Image], device: torch.device | None = None) -> torch.Tensor:
     """uint8 `[B, H, W, C]` on `device` (C = 1 for "L") of PIL images of one `PACKED_MODES` mode and one size: the
     values of `np.stack([np.asarray(i) for i in images])`, staged in page-locked memory when `device` is CUDA."""
-    modes_sizes = {(i.mode, i.size) for i in images}
-    if len(modes_sizes) != 1 or images[0].mode not in PACKED_MODES:
+    if not uploadable(images):
         raise ValueError(f"upload_pixels takes images of one mode of {sorted(PACKED_MODES)} and one size, "
-                         f"got {sorted(modes_sizes)}")
+                         f"got {sorted({(i.mode, i.size) for i in images})}")
     cuda = device is not None and torch.device(device).type == "cuda"
     host = torch.empty((len(images), *pixel_shape(images[0])), dtype=torch.uint8, pin_memory=cuda)
     for image, out in zip(images, host.numpy()):

@@ -31,7 +31,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from vaebuild.pixels.convert import images_to_uint8, uint8_to_images
-from vaebuild.pixels.pil import PACKED_MODES, to_pil_images, upload_pixels
+from vaebuild.pixels.pil import to_pil_images, upload_pixels, uploadable
 
 
 class EngineImageProcessor(VaeImageProcessor):
@@ -77,7 +77,7 @@ class EngineImageProcessor(VaeImageProcessor):
             images = [self.resize(i, *size, resize_mode=resize_mode) for i in images]
         if self.config.do_convert_rgb:
             images = [self.convert_to_rgb(i) for i in images]
-        if len({(i.mode, i.size) for i in images}) == 1 and images[0].mode in PACKED_MODES:
+        if uploadable(images):
             pixels = upload_pixels(images, self.device)
         else:
             arrays = [np.asarray(i) for i in images]
