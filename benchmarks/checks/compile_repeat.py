@@ -83,6 +83,8 @@ def main():
 
     folder = args.engines.resolve()
     work = [(folder, args.engine, args.out.resolve() / "packages", args.first + i) for i in range(args.count)]
+    record_path = args.out / "compile_repeat.json"
+    previous = json.loads(record_path.read_text())["attempts"] if record_path.exists() else []
     results = []
     # maxtasksperchild=1: every attempt in a fresh process, as a build's worker
     with multiprocessing.get_context("spawn").Pool(args.parallel, maxtasksperchild=1) as pool:
@@ -90,12 +92,12 @@ def main():
             results.append(result)
             print(f"attempt {result['attempt']}: {'ok' if result['ok'] else 'FAILED: ' + result['error']} "
                   f"({result['seconds']} s)", flush=True)
-    record_path = args.out / "compile_repeat.json"
-    previous = json.loads(record_path.read_text())["attempts"] if record_path.exists() else []
-    attempts = sorted(previous + results, key=lambda r: r["attempt"])
-    write_json(record_path, {"check": "vaebuild compile repeat", "engine": args.engine,
-                             "device": device_info(torch.device("cuda")), "versions": package_versions(),
-                             "attempts": attempts, "failed": sum(not r["ok"] for r in attempts)})
+            # the record after every attempt: a run cut short keeps what finished
+            attempts = sorted(previous + results, key=lambda r: r["attempt"])
+            write_json(record_path, {"check": "vaebuild compile repeat", "engine": args.engine,
+                                     "device": device_info(torch.device("cuda")), "versions": package_versions(),
+                                     "parallel": args.parallel, "attempts": attempts,
+                                     "failed": sum(not r["ok"] for r in attempts)})
     print(f"{sum(r['ok'] for r in attempts)} of {len(attempts)} attempts ok")
     sys.exit(1 if any(not r["ok"] for r in results) else 0)
 

@@ -10,7 +10,7 @@ For each size (WxH) and graph (decoder, encoder), in this order:
   DIR); "not served" when none does, "out of memory" recorded, not raised;
 - tiled, once per `--tiles` core (default: the folder's own tile; smaller cores run through the same dynamic tile
   packages, larger ones do not fit their windows): `VaeRuntime(DIR, tiling=True)`, tile packages only; "not served"
-  when the decoder head / encoder rest package does not take the whole latent (a size past the folder's max_side);
+  when the decoder head / encoder rest package does not take the whole latent (a size past 8192 a side);
 - decoder at `--diffusers-sizes`: diffusers' `AutoencoderKLQwenImage.decode` (3-D eager, the folder's precision,
   weights from the manifest's model or `--model`) untiled and with `enable_tiling()` (its defaults, or
   `--diffusers-tile N`: tiles of N, stride 3N/4), for comparison.

@@ -5,13 +5,13 @@ of 8 (the latent scale: cores are whole latent pixels, and the encoder's windows
 tile package is dynamic-shape (choice: one package serves the edge windows, which are smaller, and images smaller
 than one window; static windows shifted inward would need a second path for those):
 
-    tiles/vae_decoder_head.pt2   latents  2..max_side/8 latent pixels per side (the whole latent, once per image)
+    tiles/vae_decoder_head.pt2   latents  2..TILE_MAX_SIDE/8 latent pixels per side (the whole latent, once per image)
     tiles/vae_decoder_tail.pt2   features 2..tile/8 + 2*halo latent pixels (one window)
     tiles/vae_encoder_down.pt2   images   16..tile + 2*halo image pixels, multiples of 8 (one window)
-    tiles/vae_encoder_rest.pt2   features 2..max_side/8 latent pixels (the whole latent, once per image)
+    tiles/vae_encoder_rest.pt2   features 2..TILE_MAX_SIDE/8 latent pixels (the whole latent, once per image)
 
-batch 1 (the runtime tiles the images of a batch one after the other). `max_side` is the larger of the spec's
-`max_side` and its largest profile side. The manifest records `tiles: {tile: [h, w], halo: {decoder, encoder}}`
+batch 1 (the runtime tiles the images of a batch one after the other). TILE_MAX_SIDE is 8192 image pixels (8K
+images in bounded memory), or the spec's `max_side` or largest profile side where that is larger. The manifest records `tiles: {tile: [h, w], halo: {decoder, encoder}}`
 (halos from the architecture, `vaebuild.model.tiling.halos`).
 """
 
@@ -24,6 +24,7 @@ from vaebuild.model.tiling import TILE_IO, halos
 
 TILE_DIR = "tiles"
 MIN_LATENT = 2  # smallest latent side a tile package takes (torch.export specializes sizes 0 and 1)
+TILE_MAX_SIDE = 8192  # the largest image side the whole-latent tile packages (decoder head, encoder rest) take
 
 
 def parse_tile(text):
@@ -67,7 +68,7 @@ def tile_plan(spec, record, tile, suffix):
     found = halos(config)
     ratio = found.ratio
     features = config["base_dim"] * config["dim_mult"][-1]
-    max_side = max([spec.max_side] + [max(p.max.height, p.max.width) for p in spec.profiles])
+    max_side = max([TILE_MAX_SIDE, spec.max_side] + [max(p.max.height, p.max.width) for p in spec.profiles])
     latent_max = max(max_side // ratio, MIN_LATENT)
     tail_max = max(tile) // ratio + 2 * found.decoder
     down_max = max(tile) + 2 * found.encoder
