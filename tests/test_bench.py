@@ -163,3 +163,19 @@ def test_cli_bad_size_is_one_line_exit_2():
     result = CliRunner().invoke(_cli(), ["--random-init", "--sizes", "30x30"])
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: --sizes entry '30x30'")
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-load-probe"], False)])
+def test_cli_load_probe_flag_reaches_the_options(tiny_vae_dir, monkeypatch, flag, expected):
+    import vaebuild.bench
+
+    seen = {}
+
+    def fake_run_bench(vae, model, options, **kwargs):
+        seen["fresh_process_loads"] = options.fresh_process_loads
+        raise SystemExit(0)
+
+    monkeypatch.setattr(vaebuild.bench, "run_bench", fake_run_bench)
+    result = CliRunner().invoke(_cli(), ["--model", str(tiny_vae_dir), "--sizes", "48x32", "--device", "cpu", *flag])
+    assert result.exit_code == 0, result.output
+    assert seen == {"fresh_process_loads": expected}

@@ -51,6 +51,10 @@ CudaGraphsOption = Annotated[
     bool, typer.Option("--cuda-graphs", help="Also time each --engines folder's AOTInductor packages replayed from "
                        "CUDA graphs (one more engine column; CUDA only).")
 ]
+LoadProbeOption = Annotated[
+    bool, typer.Option("--load-probe/--no-load-probe", help="Measure each engine's load in a fresh process "
+                       "(one process per static pair: minutes for a folder of many sizes).")
+]
 
 
 @reports_errors
@@ -71,6 +75,7 @@ def bench(
     json_path: JsonOption = None,
     markdown_path: MarkdownOption = None,
     cuda_graphs: CudaGraphsOption = False,
+    load_probe: LoadProbeOption = True,
 ):
     """Measure VAE encoder and decoder latency per size: diffusers 3-D, vaebuild 2-D, and built engines."""
     from vaebuild.bench import BenchOptions, default_sizes, parse_sizes, render_markdown, run_bench, write_results
@@ -87,6 +92,7 @@ def bench(
         engines=tuple(engines or ()),
         flops=flops,
         cuda_graphs=cuda_graphs,
+        fresh_process_loads=load_probe,
     )
     options.resolve()  # fail on a bad --device before loading the model
     log = lambda text: typer.echo(text, err=True)  # noqa: E731  progress on stderr, tables on stdout
