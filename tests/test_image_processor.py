@@ -293,28 +293,42 @@ def test_engine_processor_is_a_vae_image_processor():
 # PIL <-> pixels (vaebuild.pixels.pil)
 
 def random_image(mode, width, height, seed=0):
-    channels = pil.PACKED_MODES.get(mode, 1)
+    channels = pil.PIXEL_CHANNELS.get(mode, 1)
     shape = (height, width) if channels == 1 else (height, width, channels)
     pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     return PIL.Image.fromarray(pixels, mode="L" if channels == 1 else None).convert(mode)
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBX", "L"])
 @pytest.mark.parametrize("size", [(1, 1), (7, 5), (1031, 1021), (2053, 517)])  # the last two: parallel strips
-def test_read_pixels_is_np_asarray(mode, size):
+def test_read_storage_holds_np_asarray(mode, size):
     image = random_image(mode, *size)
     expected = np.asarray(image)
     got = pil.read_pixels(image)
-    assert got.shape == expected.shape == pil.pixel_shape(image) and np.array_equal(got, expected)
-    out = np.zeros_like(expected)
-    assert pil.read_pixels(image, out) is out and np.array_equal(out, expected)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+    out = np.zeros(pil.storage_shape(image), np.uint8)
+    assert pil.read_storage(image, out) is out and np.array_equal(out[..., :expected.shape[-1]] if mode != "L" else out,
+                                                                  expected)
+    if mode == "RGB":  # Pillow's own RGBX bytes, pad byte included
+        assert out.tobytes() == image.tobytes("raw", "RGBX")
+
+
+def test_read_storage_of_a_mapped_image_and_a_crop():
+    rgbx = np.random.default_rng(3).integers(0, 256, (1, 1100, 1000, 4), dtype=np.uint8)
+    rgbx[..., 3] = 255
+    mapped = pil.rgb_images_from_rgbx(rgbx)[0]  # storage owned by a buffer, as to_pil_images makes them
+    assert np.array_equal(pil.read_pixels(mapped), rgbx[0, ..., :3])
+    cropped = random_image("RGB", 1500, 900).crop((3, 5, 1404, 898))
+    assert np.array_equal(pil.read_pixels(cropped), np.asarray(cropped))
 
 
 def test_read_pixels_of_other_modes_and_bad_out():
     image = random_image("RGB", 9, 4).convert("P")
     assert np.array_equal(pil.read_pixels(image), np.asarray(image))
     with pytest.raises(ValueError, match="C-contiguous uint8 of shape"):
-        pil.read_pixels(random_image("RGB", 9, 4), np.zeros((4, 9, 4), np.uint8))
+        pil.read_storage(random_image("RGB", 9, 4), np.zeros((4, 9, 3), np.uint8))
+    with pytest.raises(ValueError, match="read_storage takes modes"):
+        pil.read_storage(image)
 
 
 def test_rgb_images_from_rgbx_share_the_buffer_and_are_plain_rgb():
@@ -339,7 +353,7 @@ def test_rgb_images_from_rgbx_share_the_buffer_and_are_plain_rgb():
 def test_upload_pixels_and_to_pil_images_round_trip():
     images = [random_image("RGB", 11, 6, seed) for seed in range(3)]
     pixels = pil.upload_pixels(images)
-    assert pixels.shape == (3, 6, 11, 3) and pixels.dtype == torch.uint8
+    assert pixels.shape == (3, 6, 11, 3) and pixels.dtype == torch.uint8 and pixels.is_contiguous()
     assert np.array_equal(pixels.numpy(), np.stack([np.asarray(i) for i in images]))
     assert_same_pil(images, pil.to_pil_images(pixels))
     gray = [random_image("L", 4, 3)]

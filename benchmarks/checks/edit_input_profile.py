@@ -3,8 +3,8 @@
     python benchmarks/checks/edit_input_profile.py [--photo-size 4032x3024] [--size 1184x896]
 
 Times (wall clock with synchronization, median of 10 after 2) each stage of `EngineImageProcessor`'s resize and
-preprocess of an RGB photo: PIL -> numpy (`np.asarray` against `vaebuild.pixels.pil.read_pixels`' parallel strips),
-the upload (pageable against pinned), the Pillow-exact LANCZOS resize on the device, the way back to PIL
+preprocess of an RGB photo: PIL -> numpy (`np.asarray` against `vaebuild.pixels.pil.read_storage`'s row copies of Pillow's RGBX storage),
+the upload (pageable RGB against pinned RGB and RGBX), the Pillow-exact LANCZOS resize on the device, the way back to PIL
 (`.cpu()` + `Image.fromarray` against `to_pil_images`), and the whole `resize_pil_lanczos`. Prints a table.
 """
 
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vaebuild.pixels.lanczos import resize_lanczos, resize_pil_lanczos  # noqa: E402
-from vaebuild.pixels.pil import THREADS, read_pixels, to_pil_images, upload_pixels  # noqa: E402
+from vaebuild.pixels.pil import THREADS, read_storage, to_pil_images, upload_pixels  # noqa: E402
 
 
 def timed(fn, runs=10, warmup=2):
@@ -48,15 +48,18 @@ def main():
     rows = []
     ms, array = timed(lambda: np.asarray(photo))
     rows.append(("np.asarray(PIL RGB photo)", ms))
-    ms, _ = timed(lambda: read_pixels(photo))
-    rows.append((f"read_pixels(photo), {THREADS} threads", ms))
-    pinned = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
-    ms, _ = timed(lambda: read_pixels(photo, pinned.numpy()))
-    rows.append(("read_pixels(photo) into a pinned buffer", ms))
+    ms, _ = timed(lambda: read_storage(photo))
+    rows.append((f"read_storage(photo): RGBX rows, {THREADS} threads", ms))
+    pinned = torch.empty((ph, pw, 4), dtype=torch.uint8, pin_memory=True)
+    ms, _ = timed(lambda: read_storage(photo, pinned.numpy()))
+    rows.append(("read_storage(photo) into a pinned buffer", ms))
     ms, dev = timed(lambda: torch.from_numpy(array.copy()).to("cuda"))
     rows.append(("upload uint8 RGB, pageable (with a copy)", ms))
-    ms, _ = timed(lambda: pinned.to("cuda", non_blocking=True))
+    pinned_rgb = torch.from_numpy(array.copy()).pin_memory()
+    ms, _ = timed(lambda: pinned_rgb.to("cuda", non_blocking=True))
     rows.append(("upload uint8 RGB, pinned", ms))
+    ms, _ = timed(lambda: pinned.to("cuda", non_blocking=True)[..., :3].contiguous())
+    rows.append(("upload uint8 RGBX, pinned, pad byte dropped on the device", ms))
     ms, uploaded = timed(lambda: upload_pixels([photo], "cuda"))
     rows.append(("upload_pixels([photo]): read + pinned upload", ms))
     ms, small = timed(lambda: resize_lanczos(dev, (w, h)))

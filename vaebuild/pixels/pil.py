@@ -4,9 +4,11 @@ Pillow stores an RGB image as 4 bytes per pixel (RGBX) in row blocks, and its tw
 `np.asarray(image)` packs the whole image to RGB on one thread (45 ms for a 12 MP photo on an H200's host), and
 `Image.fromarray(rgb)` unpacks it again (1.5 ms at 1328x1328). Here:
 
-- `read_pixels(image, out)`: `np.asarray(image)`'s array, packed by Pillow's own raw encoder (the one `tobytes`
-  uses) in horizontal strips on several threads (Pillow releases the GIL while it packs), written into `out`
-  (a pinned buffer, say), so the bytes are those of `np.asarray`;
+- `read_storage(image, out)`: the pixels as Pillow stores them (4 bytes per RGB pixel), copied row by row by
+  Pillow's own paste into an image whose storage is `out` (a pinned buffer, say): a memcpy per row that releases
+  the GIL, in horizontal strips on several threads (3.8 ms on one thread for the 12 MP photo on a 2-core CPU,
+  where `np.asarray` takes 42 ms); the first 3 bytes of each RGB pixel are `np.asarray`'s, and the pad byte is
+  dropped on the device;
 - `rgb_images_from_rgbx(rgbx)`: RGB images that use an RGBX buffer as their own storage (Pillow's `map_buffer`,
   which `Image.frombuffer` calls, asked for mode "RGB"): no copy; `tobytes()` and `np.asarray` give the RGB bytes.
 
@@ -24,9 +26,10 @@ from PIL import Image
 
 from vaebuild.pixels.convert import rgb_to_rgbx, to_host
 
-# Modes whose raw packing is `np.asarray`'s: uint8 bands, the raw mode equal to the mode.
-PACKED_MODES = {"RGB": 3, "RGBA": 4, "RGBX": 4, "L": 1}
-STRIP_MIN_PIXELS = 1 << 20  # below a megapixel one thread packs it (thread hand-offs cost more than they save)
+# Modes read from Pillow's own storage, with the bytes per pixel there: RGB images keep 4 (the 4th is padding).
+STORAGE_CHANNELS = {"RGB": 4, "RGBA": 4, "RGBX": 4, "L": 1}
+PIXEL_CHANNELS = {"RGB": 3, "RGBA": 4, "RGBX": 4, "L": 1}  # np.asarray's channels of the same modes
+STRIP_MIN_PIXELS = 1 << 20  # below a megapixel one thread copies it (thread hand-offs cost more than they save)
 THREADS = max(1, min(16, os.cpu_count() or 1))
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -40,58 +43,51 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def pixel_shape(image: Image.Image) -> tuple[int, ...]:
-    """The shape of `np.asarray(image)` for a packed mode: (H, W, C), or (H, W) for "L"."""
-    channels = PACKED_MODES[image.mode]
+def storage_shape(image: Image.Image) -> tuple[int, ...]:
+    """The shape of `image`'s pixels as Pillow stores them (a mode of `STORAGE_CHANNELS`): (H, W, 4), or (H, W) for
+    "L"."""
+    channels = STORAGE_CHANNELS[image.mode]
     return (image.height, image.width) if channels == 1 else (image.height, image.width, channels)
 
 
-def _pack_rows(image: Image.Image, top: int, bottom: int, out: np.ndarray) -> None:
-    """Pillow's raw encoder on rows top..bottom, into out's bytes for those rows."""
-    encoder = Image._getencoder(image.mode, "raw", (image.mode, 0, 1))
-    encoder.setimage(image.im, (0, top, image.width, bottom))
-    row_bytes = out.nbytes // image.height
-    target = out.reshape(-1)[top * row_bytes:bottom * row_bytes]
-    position = 0
-    while True:
-        _, status, data = encoder.encode(max(len(target) - position, 1 << 16))
-        target[position:position + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        position += len(data)
-        if status < 0:
-            raise OSError(f"Pillow's raw encoder failed with status {status} on rows {top}..{bottom}")
-        if status:
-            break
-    if position != len(target):
-        raise OSError(f"Pillow's raw encoder gave {position} bytes for rows {top}..{bottom}, expected {len(target)}")
+def _copy_rows(image: Image.Image, top: int, bottom: int, out: np.ndarray) -> None:
+    """Rows top..bottom of `image` into `out`'s rows top..bottom: Pillow's paste into an image whose storage is those
+    rows of `out` (`map_buffer`); the source is placed `top` rows up, so paste clips it to them (a memcpy per row,
+    without the GIL)."""
+    rows = Image.core.map_buffer(out[top:bottom], (image.width, bottom - top), "raw", 0, (image.mode, 0, 1))
+    rows.paste(image.im, (0, -top, image.width, image.height - top))
 
 
-def read_pixels(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-    """`np.asarray(image)`'s pixels, written into `out` (C-contiguous uint8 of `pixel_shape(image)`) or a new array.
-
-    Images of the modes in `PACKED_MODES` are packed in parallel strips; others take `np.asarray` (then copied into
-    `out` if one is given).
-    """
+def read_storage(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+    """`image`'s pixels in Pillow's storage layout (`storage_shape`), written into `out` (C-contiguous uint8) or a new
+    array; horizontal strips are copied on several threads. For RGB the first 3 bytes of each pixel are
+    `np.asarray(image)`'s; for the other modes the whole array is."""
+    if image.mode not in STORAGE_CHANNELS:
+        raise ValueError(f"read_storage takes modes {sorted(STORAGE_CHANNELS)}, not {image.mode!r}")
     image.load()
-    if image.mode not in PACKED_MODES:
-        array = np.asarray(image)
-        if out is None:
-            return array
-        out[...] = array
-        return out
-    shape = pixel_shape(image)
+    shape = storage_shape(image)
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous uint8 of shape {shape}, got {out.dtype} {out.shape}")
     if image.width * image.height < STRIP_MIN_PIXELS:
-        _pack_rows(image, 0, image.height, out)
+        _copy_rows(image, 0, image.height, out)
         return out
-    pool = _pool()
-    strips = min(image.height, 2 * THREADS)
+    strips = min(image.height, THREADS)
     bounds = [image.height * i // strips for i in range(strips + 1)]
-    for future in [pool.submit(_pack_rows, image, top, bottom, out) for top, bottom in zip(bounds, bounds[1:])]:
+    pool = _pool()
+    for future in [pool.submit(_copy_rows, image, top, bottom, out) for top, bottom in zip(bounds, bounds[1:])]:
         future.result()
     return out
+
+
+def read_pixels(image: Image.Image) -> np.ndarray:
+    """`np.asarray(image)`'s values (a view of `read_storage`'s array for RGB); `np.asarray` for modes outside
+    `STORAGE_CHANNELS`."""
+    if image.mode not in STORAGE_CHANNELS:
+        return np.asarray(image)
+    storage = read_storage(image)
+    return storage[..., :3] if image.mode == "RGB" else storage
 
 
 def rgb_images_from_rgbx(rgbx: np.ndarray) -> list[Image.Image]:
@@ -112,23 +108,25 @@ def rgb_images_from_rgbx(rgbx: np.ndarray) -> list[Image.Image]:
 
 
 def uploadable(images: list[Image.Image]) -> bool:
-    """Whether `upload_pixels` takes `images`: one mode of `PACKED_MODES`, one size."""
-    return len({(i.mode, i.size) for i in images}) == 1 and images[0].mode in PACKED_MODES
+    """Whether `upload_pixels` takes `images`: one mode of `STORAGE_CHANNELS`, one size."""
+    return len({(i.mode, i.size) for i in images}) == 1 and images[0].mode in STORAGE_CHANNELS
 
 
 def upload_pixels(images: list[Image.Image], device: torch.device | None = None) -> torch.Tensor:
-    """uint8 `[B, H, W, C]` on `device` (C = 1 for "L") of PIL images of one `PACKED_MODES` mode and one size: the
-    values of `np.stack([np.asarray(i) for i in images])`, staged in page-locked memory when `device` is CUDA."""
+    """uint8 `[B, H, W, C]` on `device` (C = 1 for "L") of PIL images of one `STORAGE_CHANNELS` mode and one size: the
+    values of `np.stack([np.asarray(i) for i in images])`. Pillow's storage is copied as it is (RGB with its pad byte,
+    staged in page-locked memory when `device` is CUDA) and the pad byte is dropped on the device."""
     if not uploadable(images):
-        raise ValueError(f"upload_pixels takes images of one mode of {sorted(PACKED_MODES)} and one size, "
+        raise ValueError(f"upload_pixels takes images of one mode of {sorted(STORAGE_CHANNELS)} and one size, "
                          f"got {sorted({(i.mode, i.size) for i in images})}")
     cuda = device is not None and torch.device(device).type == "cuda"
-    host = torch.empty((len(images), *pixel_shape(images[0])), dtype=torch.uint8, pin_memory=cuda)
+    host = torch.empty((len(images), *storage_shape(images[0])), dtype=torch.uint8, pin_memory=cuda)
     for image, out in zip(images, host.numpy()):
-        read_pixels(image, out)
+        read_storage(image, out)
     if host.ndim == 3:  # "L": numpy_to_pt's images[..., None]
         host = host.unsqueeze(-1)
-    return host if device is None else host.to(device, non_blocking=cuda)
+    pixels = host if device is None else host.to(device, non_blocking=cuda)
+    return pixels[..., :PIXEL_CHANNELS[images[0].mode]].contiguous()
 
 
 def to_pil_images(pixels: torch.Tensor) -> list[Image.Image]:
