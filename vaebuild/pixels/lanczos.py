@@ -178,8 +178,8 @@ def resize_pil_lanczos(image, size, device):
         raise ValueError(f"resize_pil_lanczos takes RGB or L images, not mode {image.mode!r}")
     from vaebuild.pixels.pil import to_pil_images, upload_pixels
 
-    # Pillow's unpacking of the photo is most of the cost: `upload_pixels` packs it on several threads
-    # (benchmarks/results/h200/edit_input_profile.md has the stages).
+    # `upload_pixels` copies Pillow's own RGBX rows on several threads: np.asarray's packing to RGB would cost
+    # more than the resize (benchmarks/results/h200/edit_input_profile.md has the stages).
     return to_pil_images(resize_lanczos(upload_pixels([image], device)[0], size)[None])[0]
 
 

@@ -13,7 +13,7 @@ result is bit-identical to diffusers' (`vaebuild.pixels.convert` says how); only
   tensor's device ("np" then does only `.cpu()` and an exact `.float()` on the host; doing that `.float()` on the
   device would double the bytes that cross for bf16 and was measured slower on an H200: 2.4 ms against 1.5 ms at 1328x1328).
 - `preprocess(PIL image or list of them)`: crop, resize and RGB conversion by diffusers' own PIL code, then the
-  uint8 pixels (read by Pillow's packer on several threads into a pinned buffer) go to `device` and become float32
+  uint8 pixels (Pillow's own RGBX rows, copied on several threads into a pinned buffer) go to `device` and become float32
   there. diffusers returns a CPU tensor that the pipelines then
   `.to(device, dtype)`; with `device` set that move is a no-op. With `device=None` the tensor stays on the CPU.
 
