@@ -282,6 +282,25 @@ def test_out_of_memory_without_fallback_raises_one_line_and_the_next_call_is_ser
     assert torch.equal(runtime.decode(latents(tiny_vae)), engine_output)
 
 
+def test_a_package_error_after_the_allocator_ran_out_of_memory_is_out_of_memory(packages, tiny_vae, engine_output,
+                                                                                 monkeypatch):
+    """AOTInductor's run raises only "run_func_(...) API call failed" when an allocation inside the package fails
+    (seen on an H100); the CUDA allocator's out-of-memory count rising during the call is what says so."""
+    import vaebuild.runtime.engines as engines
+
+    ooms = iter([0, 1, 1])  # at construction, after the failed call, after the next failure (no new OOM)
+    monkeypatch.setattr(engines, "_cuda_oom_count", lambda device: next(ooms))
+    aoti_error = RuntimeError("run_func_( container_handle_, input_handles.data(), ...) API call failed at model.cpp")
+    runners = FlakyRunners(packages, [aoti_error, None, aoti_error])
+    runtime = VaeRuntime(packages, device="cpu", allow_fallback=False, runner_factory=runners)
+    with pytest.raises(EngineUnavailableError) as raised:
+        runtime.decode(latents(tiny_vae))
+    assert str(raised.value) == f"running {DECODER} ran out of memory (RuntimeError); it stays loaded for the next call"
+    assert torch.equal(runtime.decode(latents(tiny_vae)), engine_output)
+    with pytest.raises(EngineUnavailableError, match=f"running {DECODER} failed: RuntimeError: run_func_"):
+        runtime.decode(latents(tiny_vae))  # the same error with no out-of-memory behind it: a fault
+
+
 def test_any_other_error_in_a_call_fails_the_engine_for_good(packages, tiny_vae, caplog):
     """Not transient (e.g. a CUDA fault poisons the context): released once, never retried; the fallback serves."""
     runners = FlakyRunners(packages, [RuntimeError("CUDA error: an illegal memory access was encountered\nmore")])

@@ -168,6 +168,7 @@ class VaeRuntime:
         self._runners = OrderedDict()  # rel_path -> active runner, least recently used first
         self._runner_profile = {}  # rel_path -> active profile index
         self._failed = {}  # rel_path -> reason; never retried
+        self._ooms_seen = _cuda_oom_count(self.device)  # the allocator's out-of-memory count when last looked at
         self._warned = set()
         self.load_seconds = {}  # rel_path -> seconds of its most recent load
         self.engine_bytes = {}  # rel_path -> memory its most recent load took
@@ -326,7 +327,9 @@ class VaeRuntime:
         error marks the engine failed (never retried) and releases it."""
         if isinstance(err, EngineUnavailableError):  # released by another thread, and loading it again failed
             return str(err)
-        if _is_out_of_memory(err):
+        with self._lock:
+            ooms, self._ooms_seen = self._ooms_seen, _cuda_oom_count(self.device)
+        if _is_out_of_memory(err) or self._ooms_seen > ooms:
             logger.info("running %s ran out of memory (it stays loaded): %s", entry.rel_path, one_line(err))
             return (f"running {entry.rel_path} ran out of memory ({type(err).__name__}); "
                     "it stays loaded for the next call")
@@ -623,5 +626,16 @@ class VaeRuntime:
 def _is_out_of_memory(err):
     text = str(err).lower()
     return "out of memory" in text or "outofmemory" in type(err).__name__.lower()
+
+
+def _cuda_oom_count(device):
+    """How often torch's CUDA caching allocator on `device` has run out of memory in this process (0 off CUDA).
+    An AOTInductor package whose run fails on an allocation raises a RuntimeError naming only the failed API call (the
+    out-of-memory message goes to stderr), so a rise of this count is what tells that failure from a fault."""
+    if device.type != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.memory_stats(device).get("num_ooms", 0)
 
 
