@@ -3,7 +3,7 @@
     python benchmarks/packages/dynamic_ops.py --engines I2I_DIR --out OUT [--fused-norms]
 
 I2I_DIR is an inductor multi-profile folder (`vaebuild multiprofile --backend inductor ...`). Its packages keep
-inductor's own kernels and SDPA (`uses_fast_kernels` is static-only). This compiles the same two graphs, over the
+inductor's own convolution kernels (`uses_fused_norms` is static-only). This compiles the same two graphs, over the
 same profiles and from the folder's weights file, with `vaebuild::attention_d384` (and, with --fused-norms, the
 fused convolution + norm ops), in two worker processes, and writes OUT/i2i_ops: a copy of the folder's manifest
 pointing at the new packages (the weights file linked). Time both folders in one run with

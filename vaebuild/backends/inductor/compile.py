@@ -1,9 +1,10 @@
 """Building AOTInductor packages: which ops a package runs, and its export + compile (in a worker process).
 
-Static packages run the mid-block attention through `vaebuild::attention_d384` and, from 1024x768 image pixels on
-(`FUSED_NORM_MIN_PIXELS`), the 96-channel residual blocks' conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu`
-(and the encoder's block before a downsampler through `conv3x3_add`); dynamic-shape packages keep inductor's own kernels
-and SDPA. Every package computes the upsamplers as transposed convolutions and the convolutions from and to RGB over
+Every package runs the mid-block attention through `vaebuild::attention_d384` (SDPA's kernels for head dim 384 are
+several times slower: at 3840x2160 they made the exact tiles' head package 3.6x the whole-image package's time).
+Static packages from 1024x768 image pixels on (`FUSED_NORM_MIN_PIXELS`) also run the 96-channel residual blocks'
+conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu` (and the encoder's block before a downsampler through
+`conv3x3_add`); dynamic-shape packages keep inductor's own convolution kernels. Every package computes the upsamplers as transposed convolutions and the convolutions from and to RGB over
 their taps, with its convolution weights channels-last (`WEIGHT_LAYOUT`), and CUDA packages tune their Triton kernels'
 launch settings while compiling (coordinate descent). By default packages are weight-free
 (`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds the one copy they share.
@@ -41,17 +42,16 @@ def compile_request(record, weights_path, graph, engine_path, profiles, options)
 
 def kernel_choices(record, graph, profiles):
     """Which of vaebuild's ops a package of `graph` for these profiles runs (part of its build key):
-    `fast_kernels` (`vaebuild::attention_d384`, fused convolutions possible) and `fused_norms`."""
-    return {"fast_kernels": uses_fast_kernels(profiles), "fused_norms": uses_fused_norms(record, graph, profiles)}
+    `fast_kernels` (`vaebuild::attention_d384`: every package) and `fused_norms` (`uses_fused_norms`)."""
+    return {"fast_kernels": True, "fused_norms": uses_fused_norms(record, graph, profiles)}
 
 
 def uses_fused_norms(record, graph, profiles):
-    """Whether a package of `graph` for these profiles runs `vaebuild::conv3x3_rms_silu`: static shapes
-    (`uses_fast_kernels`) of at least FUSED_NORM_MIN_PIXELS image pixels."""
+    """Whether a package of `graph` for these profiles runs `vaebuild::conv3x3_rms_silu`: static shapes of at least
+    FUSED_NORM_MIN_PIXELS image pixels (the op inside dynamic-shape packages has not been run on a GPU)."""
     scale = 1 if graph == "encoder" else record["graphs"]["encoder"]["spatial_multiple"]
-    return uses_fast_kernels(profiles) and all(
-        r[1][3] * r[1][4] * scale**2 >= FUSED_NORM_MIN_PIXELS for p in profiles for r in p.values()
-    )
+    static = all(tuple(r[0]) == tuple(r[2]) for p in profiles for r in p.values())
+    return static and all(r[1][3] * r[1][4] * scale**2 >= FUSED_NORM_MIN_PIXELS for p in profiles for r in p.values())
 
 
 # Image pixels from which a package runs the fused conv + norm op. Below, the op's host-side cost per call (a Python
@@ -59,13 +59,6 @@ def uses_fused_norms(record, graph, profiles):
 # 848x480 plain calls were 0.1-0.4 ms slower with it (equal when replayed from CUDA graphs), 768x1024 even, larger
 # sizes 0.3-1.0 ms faster (docs/design/speed_notes.md, step 19).
 FUSED_NORM_MIN_PIXELS = 1024 * 768
-
-
-def uses_fast_kernels(profiles):
-    """Whether a compiled (pytorch-built) engine for these profiles runs the Hopper kernels' ops
-    (`vaebuild::attention_d384`, `vaebuild::conv3x3_rms_silu`): static shapes only (dynamic-shape packages keep
-    inductor's own kernels and SDPA: the ops inside them have not been run on a GPU)."""
-    return all(tuple(r[0]) == tuple(r[2]) for p in profiles for r in p.values())
 
 
 def compile_package(request) -> EngineInfo:
