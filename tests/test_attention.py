@@ -104,3 +104,12 @@ def test_tma_allocator_is_set_in_every_calling_thread():
     thread.join()
     assert seen["before"] is not tma._scratch  # a new thread starts without it
     assert seen["after"] is tma._scratch
+
+
+@pytest.mark.parametrize("tokens, splits", [(27_556, 3), (57_600, 7), (129_600, 1), (518_400, 1)])
+def test_key_splits_stop_at_four_waves(tokens, splits):
+    """1328x1328 keeps its split (the shipped timing); 3840x2160 and 7680x4320 take none (no fp32 partials).
+    Needs Triton (the module holds the combine kernel): skipped where it is missing, as on CI."""
+    attention_splits = pytest.importorskip("vaebuild.kernels.attention_splits", exc_type=ImportError)
+    q_blocks, key_blocks = -(-tokens // 128), -(-tokens // 32)  # the Gluon kernel's BLOCK_M and BLOCK_N
+    assert attention_splits.choose_splits(q_blocks, key_blocks, sm_count=132) == splits

@@ -16,8 +16,18 @@ RESCALE_THRESHOLD = tl.constexpr(8.0)  # log2 units: rescale once a row max grew
 QK_SCALE = tl.constexpr(1.0 / math.sqrt(HEAD_DIM) * math.log2(math.e))  # softmax scale, exp2 domain
 
 
+# Query-block programs, in waves of the GPU's SMs, from which a launch is never split: past them the last wave's idle
+# SMs cost at most 1/SPLIT_MAX_WAVES of the time a split could win back, while the fp32 partials grow with the tokens
+# (7 splits at 3840x2160's 129,600 tokens: 1.3 GB, the largest block of the exact tiles' head package on an H100).
+# Every size up to 1920x1920 (57,600 tokens, 3.4 waves of an H100's 132 SMs) stays below it.
+SPLIT_MAX_WAVES = 4
+
+
 def choose_splits(programs, key_blocks, sm_count, max_splits=8):
-    """Key splits that minimise waves x blocks per program (the last wave's idle SMs), fewest on ties."""
+    """Key splits that minimise waves x blocks per program (the last wave's idle SMs), fewest on ties; 1 from
+    SPLIT_MAX_WAVES waves of programs on."""
+    if programs >= SPLIT_MAX_WAVES * sm_count:
+        return 1
 
     def cost(s):
         per_program = -(-key_blocks // s)
