@@ -84,8 +84,10 @@ class FastAttentionBlock(nn.Module):
         batch_size, channels, time, height, width = x.size()
         x = x.permute(0, 2, 1, 3, 4).reshape(batch_size * time, channels, height, width)
         x = self.norm(x)
-        qkv = self.to_qkv(x).reshape(batch_size * time, 1, channels * 3, -1).permute(0, 1, 3, 2).contiguous()
-        q, k, v = qkv.chunk(3, dim=-1)
+        qkv = self.to_qkv(x).reshape(batch_size * time, 1, channels * 3, -1).permute(0, 1, 3, 2)
+        # Each one contiguous: a package hands the op's inputs over as buffers of their own, and views of one qkv
+        # tensor would each get a buffer of qkv's size (2.4 GB more at 7680x4320).
+        q, k, v = (t.contiguous() for t in qkv.chunk(3, dim=-1))
         x = torch.ops.vaebuild.attention_d384(q, k, v)
         x = x.squeeze(1).permute(0, 2, 1).reshape(batch_size * time, channels, height, width)
         x = self.proj(x).view(batch_size, time, channels, height, width).permute(0, 2, 1, 3, 4)
