@@ -41,6 +41,24 @@ def test_block_equals_diffusers_attention_block():
             torch.testing.assert_close(fast(x), block(x), rtol=0, atol=1e-5)
 
 
+def test_block_hands_the_op_contiguous_inputs():
+    """Views of one qkv tensor would each become a buffer of qkv's size inside a package."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.vaebuild.attention_d384.default:
+                self.seen.append([(a.is_contiguous(), a.untyped_storage().nbytes() == a.nbytes) for a in args])
+            return func(*args, **(kwargs or {}))
+
+    block = FastAttentionBlock(QwenImageAttentionBlock(384).eval())
+    with torch.no_grad(), Record():
+        block(torch.randn(1, 384, 1, 3, 5))
+    assert Record.seen == [[(True, True)] * 3]
+
+
 class _Attend(torch.nn.Module):
     def forward(self, qkv):
         q, k, v = qkv.chunk(3, dim=-1)
