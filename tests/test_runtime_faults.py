@@ -286,10 +286,10 @@ def test_a_package_error_after_the_allocator_ran_out_of_memory_is_out_of_memory(
                                                                                  monkeypatch):
     """AOTInductor's run raises only "run_func_(...) API call failed" when an allocation inside the package fails
     (seen on an H100); the CUDA allocator's out-of-memory count rising during the call is what says so."""
-    import vaebuild.runtime.engines as engines
+    import vaebuild.runtime.residency as residency
 
     ooms = iter([0, 1, 1])  # at construction, after the failed call, after the next failure (no new OOM)
-    monkeypatch.setattr(engines, "_cuda_oom_count", lambda device: next(ooms))
+    monkeypatch.setattr(residency, "cuda_oom_count", lambda device: next(ooms))
     aoti_error = RuntimeError("run_func_( container_handle_, input_handles.data(), ...) API call failed at model.cpp")
     runners = FlakyRunners(packages, [aoti_error, None, aoti_error])
     runtime = VaeRuntime(packages, device="cpu", allow_fallback=False, runner_factory=runners)

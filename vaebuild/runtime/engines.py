@@ -2,31 +2,26 @@
 
 It serves every folder `vaebuild static` and `vaebuild multiprofile` write, whatever the backend: each engine is
 loaded and run through its backend (`vaebuild.backends`), which this module never branches on; `folder` reads the
-manifest and chooses profiles, `fallback` builds the PyTorch model, `tiling` runs exact tiles. The I/O contract
+manifest and chooses profiles, `residency` loads, releases and calls the engines, `fallback` builds the PyTorch
+model, `tiling` runs exact tiles. The I/O contract
 (LightX2V's), dispatch, residency under a memory budget, shared weights, CUDA graphs, the fallback's reasons and
 the thread guarantees are documented in docs/runtime.md; each method's docstring says its part.
 """
 
 import logging
 import threading
-import time
-from collections import Counter, OrderedDict
-from contextlib import nullcontext
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaebuild.backends import get_backend
-from vaebuild.errors import UserInputError, VaebuildError, one_line
+from vaebuild.errors import UserInputError, VaebuildError
 from vaebuild.manifest import MANIFEST_NAME
 from vaebuild.model import GRAPHS
 from vaebuild.runtime.fallback import FallbackModel
 from vaebuild.runtime.folder import SPATIAL, choose_profile, image_size, read_engine_dir
+from vaebuild.runtime.residency import EngineResidency, EngineUnavailableError, is_out_of_memory
 
 logger = logging.getLogger("vaebuild.runtime")
-
-
-class EngineUnavailableError(VaebuildError):
-    """No engine can serve this call (raised instead of falling back when `allow_fallback=False`)."""
 
 
 class FallbackOutOfMemoryError(VaebuildError):
@@ -63,11 +58,7 @@ class _Routes(dict):
         return getattr(self._local, "routes", {}).get(graph)
 
 
-class _ProfileError(Exception):
-    """Selecting an engine's profile failed (the message is the whole reason)."""
-
-
-class VaeRuntime:
+class VaeRuntime(EngineResidency):
     """Qwen-Image VAE served by vaebuild engines of any backend (static or multi-profile), PyTorch 2-D as fallback."""
 
     def __init__(
@@ -164,21 +155,10 @@ class VaeRuntime:
         elif weights is not None:
             raise UserInputError(f"{self.engine_dir} has no weights file (its engines carry their weights); drop weights=")
         self._fallback_model = FallbackModel(self.engine_dir, self.manifest, fallback_vae, self.device, self.dtype)
-        self._reasons = {}  # rel_path -> why it cannot run here (None: it can)
-        self._runners = OrderedDict()  # rel_path -> active runner, least recently used first
-        self._runner_profile = {}  # rel_path -> active profile index
-        self._failed = {}  # rel_path -> reason; never retried
-        self._ooms_seen = _cuda_oom_count(self.device)  # the allocator's out-of-memory count when last looked at
+        self._init_residency()
         self._warned = set()
-        self.load_seconds = {}  # rel_path -> seconds of its most recent load
-        self.engine_bytes = {}  # rel_path -> memory its most recent load took
         self.fallback_counts = Counter()  # reason -> number of calls served by PyTorch for it
         self.last_route = _Routes()  # graph -> Route of its most recent call (any thread); .mine(graph): this thread's
-        self._lock = threading.RLock()  # residency, failures, counters, warnings (see the module doc: Threads)
-        self._idle = threading.Condition(self._lock)  # notified when a call stops using its engine
-        self._in_use = Counter()  # rel_path -> calls now using its runner (it is released only at 0)
-        self._engine_locks = {rel: threading.Lock() for rel in self._by_path}  # one call of an engine at a time
-        self._engine_events = {}  # rel_path -> CUDA event recorded after its last call's outputs were copied
         from vaebuild.runtime.tiling import TileRouter
 
         self.tiles = TileRouter(self, tiling)  # exact tiles (vaebuild.runtime.tiling): tiling=True, False or "auto"
@@ -235,22 +215,6 @@ class VaeRuntime:
         """Relative paths of every engine the manifest lists."""
         return tuple(self._by_path)
 
-    def load(self, rel_path):
-        """Load one engine (its first profile) unless it is in memory; EngineUnavailableError says why it cannot."""
-        entry = self._by_path.get(rel_path)
-        if entry is None:
-            raise UserInputError(f"{self.engine_dir / MANIFEST_NAME} lists no engine {rel_path!r}")
-        runner, reason = self._runner_for(entry, entry.profiles[0])
-        if runner is None:
-            raise EngineUnavailableError(reason)
-
-    def load_all(self):
-        """Load every engine of the folder now (each with its first profile); failures fall back later."""
-        for entry in self._by_path.values():
-            with self._lock:
-                if entry.rel_path not in self._runners:
-                    self._runner_for(entry, entry.profiles[0])
-
     def thread_route(self, graph):
         """The `Route` of the calling thread's most recent call of `graph` (None before its first); `last_route`
         holds the most recent call's of any thread."""
@@ -262,43 +226,6 @@ class VaeRuntime:
         if runner is None:
             raise EngineUnavailableError(reason)
         return Route("engine", entry.rel_path, profile.index)
-
-    def release(self):
-        """Deactivate every engine in memory (they load again on their next use) and drop the shared weights.
-
-        Calls of other threads that are using an engine finish first."""
-        with self._lock:
-            for rel_path in list(self._runners):
-                self._release(rel_path)
-            if self.weights is not None and not self._runners:  # (another thread may have loaded one meanwhile)
-                self.weights.release()
-
-    close = release
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.release()
-
-    def __del__(self):
-        if getattr(self, "_runners", None):
-            try:
-                self.release()
-            except Exception:  # interpreter shutdown: the runtime may already be gone
-                pass
-
-    @property
-    def resident_engines(self):
-        """Relative paths of the engines now in memory, least recently used first."""
-        with self._lock:
-            return tuple(self._runners)
-
-    @property
-    def resident_bytes(self):
-        """Memory the engines now in memory took at their loads (shared weights: with the first that needed them)."""
-        with self._lock:
-            return sum(self.engine_bytes.get(rel, 0) for rel in self._runners)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -320,25 +247,6 @@ class VaeRuntime:
                     self.last_route[graph] = Route("engine", entry.rel_path, profile.index)
                     return out
             return self._fallback(graph, x, reason)
-
-    def _run_failed(self, entry, err):
-        """Why a call of `entry` that raised `err` is not served by it. Out of memory is transient (the call's own
-        buffers: they are freed as the error unwinds): the engine stays loaded and serves the next call. Any other
-        error marks the engine failed (never retried) and releases it."""
-        if isinstance(err, EngineUnavailableError):  # released by another thread, and loading it again failed
-            return str(err)
-        with self._lock:
-            ooms, self._ooms_seen = self._ooms_seen, _cuda_oom_count(self.device)
-        if _is_out_of_memory(err) or self._ooms_seen > ooms:
-            logger.info("running %s ran out of memory (it stays loaded): %s", entry.rel_path, one_line(err))
-            return (f"running {entry.rel_path} ran out of memory ({type(err).__name__}); "
-                    "it stays loaded for the next call")
-        reason = str(err) if isinstance(err, _ProfileError) else (
-            f"running {entry.rel_path} failed: {one_line(err, with_type=True)}")
-        with self._lock:
-            self._failed[entry.rel_path] = reason
-            self._release(entry.rel_path)
-        return reason
 
     def _check_input(self, graph, x):
         shape = tuple(x.shape)
@@ -423,182 +331,6 @@ class VaeRuntime:
             self._warned.add(message)
         logger.warning("%s", message)
 
-    def _runner_for(self, entry, profile):
-        """(active runner, None) or (None, reason); loads lazily within the memory budget (loaded with `profile`;
-        `_infer` switches a resident runner's profile, under the engine's lock)."""
-        with self._lock:
-            while True:
-                if entry.rel_path in self._failed:
-                    return None, self._failed[entry.rel_path]
-                if not entry.path.is_file():
-                    return None, f"engine file missing: {entry.path}"
-                reason = self._unavailable(entry)
-                if reason:
-                    return None, f"{entry.backend} engines cannot run here: {reason}"
-                runner = self._runners.get(entry.rel_path)
-                if runner is not None:
-                    self._runners.move_to_end(entry.rel_path)
-                    return runner, None
-                if self._make_room(self.engine_bytes.get(entry.rel_path, entry.path.stat().st_size)):
-                    return self._load(entry, profile)
-                # Making room waited for other threads' calls, which may have loaded or failed this engine: look again.
-
-    def _load(self, entry, profile):
-        """Activate one engine (the runtime's lock held, room made)."""
-        try:
-            runner, seconds, used = self._activate(entry, profile)
-        except Exception as err:  # foreign runtime: CUDA OOM, deserialization errors, ...
-            if not (_is_out_of_memory(err) and self._runners):
-                reason = f"loading {entry.rel_path} failed: {one_line(err, with_type=True)}"
-                self._failed[entry.rel_path] = reason
-                return None, reason
-            logger.info("out of memory loading %s: releasing %d engine(s) and trying again",
-                        entry.rel_path, len(self._runners))
-            self.release()
-            return self._runner_for(entry, profile)
-        self._runners[entry.rel_path] = runner
-        self._runner_profile[entry.rel_path] = profile.index
-        self.load_seconds[entry.rel_path] = seconds
-        self.engine_bytes[entry.rel_path] = used
-        logger.info("loaded %s (profile %d, %s) in %.3f s, %.1f MB", entry.rel_path, profile.index, profile.name,
-                    seconds, used / 1e6)
-        return runner, None
-
-    def _activate(self, entry, profile):
-        """(active runner, seconds, bytes it took) for one engine; raises what the backend raised."""
-        import torch
-
-        on_cuda = self.device.type == "cuda"
-        with self._cuda_work():
-            if on_cuda:
-                torch.cuda.synchronize(self.device)
-                free_before = torch.cuda.mem_get_info(self.device)[0]
-            start = time.perf_counter()
-            runner = self._runner_factory(entry.path, entry.backend, profile.index)
-            try:
-                runner.activate()
-            except BaseException:
-                if getattr(runner, "is_active", False):
-                    runner.deactivate()
-                raise
-            if on_cuda:
-                torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - start
-            if on_cuda:
-                used = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
-            else:
-                used = entry.path.stat().st_size
-        return runner, seconds, used
-
-    def _cuda_work(self):
-        """With CUDA graphs: the process's lock of packages' CUDA work, shared (a graph capture holds it exclusively:
-        `backends.inductor.load.CUDA_WORK`); otherwise nothing."""
-        if not self.cuda_graphs:
-            return nullcontext()
-        from vaebuild.backends.inductor.load import CUDA_WORK
-
-        return CUDA_WORK.shared()
-
-    def _make_room(self, needed):
-        """Release least recently used engines (idle ones first) until `needed` more bytes fit the memory budget.
-
-        False if that waited for calls of other threads (the caller looks at what is loaded again), else True."""
-        if self.memory_budget is None:
-            return True
-        while self._runners and self.resident_bytes + needed > self.memory_budget:
-            oldest = next((rel for rel in self._runners if not self._in_use[rel]), None) or next(iter(self._runners))
-            logger.info("memory budget %d bytes: releasing %s", self.memory_budget, oldest)
-            if self._release(oldest):
-                return False
-        return True
-
-    def _release(self, rel_path):
-        """Deactivate one engine once no call uses it (calls of other threads finish first); True if it waited."""
-        with self._lock:
-            waited = False
-            while self._in_use[rel_path]:
-                waited = True
-                self._idle.wait()
-            runner = self._runners.pop(rel_path, None)
-            self._runner_profile.pop(rel_path, None)
-            self._engine_events.pop(rel_path, None)
-            if runner is not None:
-                runner.deactivate()
-                logger.info("released %s", rel_path)
-            return waited
-
-    def _unavailable(self, entry):
-        if entry.rel_path not in self._reasons:
-            if self._injected_reason is not None:
-                self._reasons[entry.rel_path] = self._injected_reason(entry.backend)
-            else:
-                self._reasons[entry.rel_path] = get_backend(entry.backend).unavailable_reason(entry.raw, self.device)
-        return self._reasons[entry.rel_path]
-
-    def _backend_runner(self, engine_path, backend, profile_index):
-        entry = self._by_path[Path(engine_path).relative_to(self.engine_dir).as_posix()]
-        return get_backend(backend).load_runner(
-            engine_path, entry.raw, profile_index, weights=self.weights, device=self.device, cuda_graphs=self.cuda_graphs
-        )
-
-    def _infer(self, runner, entry, x, profile=None):
-        """The engine's output for `x` (a copy, in x's dtype), `runner` switched to `profile` (default: the first).
-
-        From many threads: the call holds the engine's lock (one call of an engine at a time, from the profile switch
-        to the copy of the outputs) and marks the engine in use, so it is not released under it. A runner released
-        by another thread since it was looked up is looked up (loaded) again; EngineUnavailableError if that fails."""
-        from vaebuild.model.precision import get_precision
-
-        rel = entry.rel_path
-        profile = profile or entry.profiles[0]
-        feed = x.to(device=self.device, dtype=get_precision(entry.precision).dtype).contiguous()
-        with self._lock:
-            if self._runners.get(rel) is not runner:
-                runner, reason = self._runner_for(entry, profile)
-                if runner is None:
-                    raise EngineUnavailableError(reason)
-            self._in_use[rel] += 1
-            lock = self._engine_locks.setdefault(rel, threading.Lock())
-        try:
-            with lock:
-                return self._call_engine(runner, entry, feed, profile, x.dtype)
-        finally:
-            with self._lock:
-                self._in_use[rel] -= 1
-                if not self._in_use[rel]:
-                    del self._in_use[rel]
-                self._idle.notify_all()
-
-    def _call_engine(self, runner, entry, feed, profile, dtype):
-        """One call of the engine on `feed` (on the device, in its precision; the engine's lock held): a copy of its
-        output in `dtype`."""
-        import torch
-
-        rel = entry.rel_path
-        if self._runner_profile.get(rel) != profile.index:
-            try:
-                runner.set_profile(profile.index)
-            except Exception as err:
-                raise _ProfileError(
-                    f"selecting profile {profile.index} of {rel} failed: {one_line(err, with_type=True)}") from None
-            self._runner_profile[rel] = profile.index
-        guard = getattr(runner, "call_guard", None)  # AOTInductor packages on CUDA: the process's CUDA graph captures
-        with guard(feed) if guard is not None else nullcontext():
-            stream = torch.cuda.current_stream(feed.device) if feed.is_cuda else None
-            if stream is not None:
-                done = self._engine_events.get(rel)
-                if done is not None:  # the previous call, maybe on another thread's stream, copied its outputs out
-                    stream.wait_event(done)
-                if not get_backend(entry.backend).runs_on_caller_stream:
-                    # The runner works on its own stream: make the input's producers finish first.
-                    stream.synchronize()
-            outputs = runner.infer({entry.input_name: feed}, copy_outputs_to_host=False)
-            # Runners may reuse their output buffers between calls (a CUDA graph's): always return a copy.
-            out = torch.as_tensor(outputs[entry.output_name]).to(dtype=dtype, copy=True)
-            if stream is not None:
-                self._engine_events.setdefault(rel, torch.cuda.Event()).record(stream)
-        return out
-
     # ------------------------------------------------------------------ PyTorch fallback
 
     def _fallback(self, graph, x, reason):
@@ -614,28 +346,10 @@ class VaeRuntime:
             with self._cuda_work():
                 return self._fallback_model(graph, x.to(device=self.device, dtype=self.dtype)).to(dtype=x.dtype)
         except Exception as err:
-            if not _is_out_of_memory(err):
+            if not is_out_of_memory(err):
                 raise
             size = image_size(tuple(x.shape), 1 if graph == "encoder" else 8)
         raise FallbackOutOfMemoryError(
             f"{graph} at image size {size} (HxW) ran out of memory in the PyTorch fallback ({reason}); "
             "build engines that serve this size, or use tiles (tiling=True)"
         )
-
-
-def _is_out_of_memory(err):
-    text = str(err).lower()
-    return "out of memory" in text or "outofmemory" in type(err).__name__.lower()
-
-
-def _cuda_oom_count(device):
-    """How often torch's CUDA caching allocator on `device` has run out of memory in this process (0 off CUDA).
-    An AOTInductor package whose run fails on an allocation raises a RuntimeError naming only the failed API call (the
-    out-of-memory message goes to stderr), so a rise of this count is what tells that failure from a fault."""
-    if device.type != "cuda":
-        return 0
-    import torch
-
-    return torch.cuda.memory_stats(device).get("num_ooms", 0)
-
-
