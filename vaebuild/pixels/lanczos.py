@@ -179,7 +179,7 @@ def resize_pil_lanczos(image, size, device):
     from vaebuild.pixels.pil import to_pil_images, upload_pixels
 
     # `upload_pixels` copies Pillow's own RGBX rows on several threads: np.asarray's packing to RGB would cost
-    # more than the resize (benchmarks/results/h200/edit_input_profile.md has the stages).
+    # more than the resize (benchmarks/results/h100/edit_input_profile.md has the stages).
     return to_pil_images(resize_lanczos(upload_pixels([image], device)[0], size)[None])[0]
 
 

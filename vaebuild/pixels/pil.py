@@ -81,15 +81,6 @@ def read_storage(image: Image.Image, out: np.ndarray | None = None) -> np.ndarra
     return out
 
 
-def read_pixels(image: Image.Image) -> np.ndarray:
-    """`np.asarray(image)`'s values (a view of `read_storage`'s array for RGB); `np.asarray` for modes outside
-    `STORAGE_CHANNELS`."""
-    if image.mode not in STORAGE_CHANNELS:
-        return np.asarray(image)
-    storage = read_storage(image)
-    return storage[..., :3] if image.mode == "RGB" else storage
-
-
 def rgb_images_from_rgbx(rgbx: np.ndarray) -> list[Image.Image]:
     """RGB PIL images, one per `[H, W, 4]` uint8 item of C-contiguous `rgbx` `[B, H, W, 4]`, storing their pixels
     in `rgbx` itself (the 4th byte of each pixel is Pillow's pad byte: give it 255, as Pillow's own RGB images have).

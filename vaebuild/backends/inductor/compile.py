@@ -4,8 +4,8 @@ Every package runs the mid-block attention through `vaebuild::attention_d384` (S
 several times slower: at 3840x2160 they made the exact tiles' head package 3.6x the whole-image package's time).
 Static packages from 1024x768 image pixels on (`FUSED_NORM_MIN_PIXELS`) also run the 96-channel residual blocks'
 conv1 -> norm2 -> SiLU through `vaebuild::conv3x3_rms_silu` (and the encoder's block before a downsampler through
-`conv3x3_add`); dynamic-shape packages keep inductor's own convolution kernels. Every package computes the upsamplers as transposed convolutions and the convolutions from and to RGB over
-their taps, with its convolution weights channels-last (`WEIGHT_LAYOUT`), and CUDA packages tune their Triton kernels'
+`conv3x3_add`); dynamic-shape packages keep inductor's own convolution kernels. Every package computes the
+upsamplers as transposed convolutions and the convolutions from and to RGB over their taps, with its convolution weights channels-last (`WEIGHT_LAYOUT`), and CUDA packages tune their Triton kernels'
 launch settings while compiling (coordinate descent). By default packages are weight-free
 (`aot_inductor.package_constants_in_so=False`): the folder's `weights.safetensors` holds the one copy they share.
 """
