@@ -99,11 +99,12 @@ def test_sizes_add_rows_on_the_serving_profile_and_tiled_rows(folder):
 
 
 def test_a_size_no_engine_serves_is_one_line_naming_the_ranges(folder):
+    # 8200 a side: past the whole-latent tile packages' 8192 (TILE_MAX_SIDE)
     with pytest.raises(UserInputError) as caught:
-        verify_build(folder, VerifyOptions(device="cpu", sizes=parse_sizes("512x256")), log=quiet)
+        verify_build(folder, VerifyOptions(device="cpu", sizes=parse_sizes("8200x256")), log=quiet)
     message = str(caught.value)
-    assert "\n" not in message and message.startswith("--sizes 512x256: no encoder engine in")
-    assert "vae_encoder_multi_profile.pt2 32x32..128x128, tiles 16x16..256x256" in message
+    assert "\n" not in message and message.startswith("--sizes 8200x256: no encoder engine in")
+    assert "vae_encoder_multi_profile.pt2 32x32..128x128, tiles 16x16..8192x8192" in message
 
 
 def test_broken_tiles_fail_their_rows(folder, monkeypatch):
@@ -131,8 +132,8 @@ def test_cli_sizes(folder):
     app.callback()(lambda: None)
     app.command(name="verify")(verify)
     runner = CliRunner()
-    bad = runner.invoke(app, ["verify", str(folder), "--device", "cpu", "--sizes", "512x512"])
-    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: --sizes 512x512: no encoder engine")
+    bad = runner.invoke(app, ["verify", str(folder), "--device", "cpu", "--sizes", "8200x512"])
+    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: --sizes 8200x512: no encoder engine")
     assert len(bad.stderr.strip().splitlines()) == 1
     malformed = runner.invoke(app, ["verify", str(folder), "--device", "cpu", "--sizes", "100x100"])
     assert malformed.exit_code == 2 and "--sizes entry '100x100'" in malformed.stderr
@@ -171,7 +172,7 @@ def test_tiles_bench_runs_on_the_cpu(folder, tmp_path):
     spec.loader.exec_module(tiles_bench)
     out = tmp_path / "results"
     record = tiles_bench.main([
-        "--engines", str(folder), "--out", str(out), "--device", "cpu", "--sizes", "64x64,512x512",
+        "--engines", str(folder), "--out", str(out), "--device", "cpu", "--sizes", "64x64,8200x64",
         "--tiles", "48x64,32x32", "--diffusers-sizes", "64x64", "--diffusers-tile", "32", "--runs", "1",
         "--warmup", "0", "--diffusers-runs", "1",
     ])
@@ -180,8 +181,8 @@ def test_tiles_bench_runs_on_the_cpu(folder, tmp_path):
         assert rows["64x64", graph, "untiled", None]["median_ms"] > 0
         for tile in ("48x64", "32x32"):
             assert rows["64x64", graph, "tiled", tile]["max_abs"] <= 1e-5
-            assert rows["512x512", graph, "tiled", tile]["note"].startswith("not served: ")
-        assert rows["512x512", graph, "untiled", None]["note"].startswith("not served: ")
+            assert rows["8200x64", graph, "tiled", tile]["note"].startswith("not served: ")  # past 8192 a side
+        assert rows["8200x64", graph, "untiled", None]["note"].startswith("not served: ")
     diffusers = rows["64x64", "decoder", "diffusers tiled", None]
     assert diffusers["max_abs"] > 1e-5 and diffusers["max_abs_vs_diffusers_untiled"] > 1e-5  # blended, not exact
     assert rows["64x64", "decoder", "diffusers untiled", None]["max_abs"] <= 1e-4
