@@ -20,7 +20,7 @@ halo is always computed from the manifest's architecture (`vaebuild.model.tiling
 
 import torch
 
-from vaebuild.errors import UserInputError, one_line
+from vaebuild.errors import UserInputError
 from vaebuild.model.tiling import TILE_GRAPHS, decoder_tiles, encoder_tiles, halos
 
 DEFAULT_TILE = (512, 512)  # image pixels, when the folder has no tile engines
@@ -145,12 +145,7 @@ class TileRouter:
                     try:
                         out = runtime._infer(runner, entry, x)
                     except Exception as err:  # foreign runtime: CUDA OOM, ...
-                        if hasattr(runtime, "_run_failed"):  # the runtime's own rule (out of memory is transient)
-                            reason = runtime._run_failed(entry, err)
-                        else:
-                            reason = f"running {entry.rel_path} failed: {one_line(err, with_type=True)}"
-                            runtime._failed[entry.rel_path] = reason
-                            runtime._release(entry.rel_path)
+                        reason = runtime._run_failed(entry, err)  # the runtime's own rule (out of memory is transient)
                     else:
                         used.append(entry.rel_path)
                         return out
