@@ -299,6 +299,11 @@ def random_image(mode, width, height, seed=0):
     return PIL.Image.fromarray(pixels, mode="L" if channels == 1 else None).convert(mode)
 
 
+def pixels_of(storage, mode):
+    """np.asarray's pixels in `read_storage`'s array (RGB: without the pad byte)."""
+    return storage[..., :3] if mode == "RGB" else storage
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBX", "L"])
 @pytest.mark.parametrize("size", [(1, 1), (7, 5), (1031, 1021), (2053, 517)])  # the last two: parallel strips
 def test_read_storage_holds_np_asarray(mode, size):
@@ -309,11 +314,6 @@ def test_read_storage_holds_np_asarray(mode, size):
     assert pil.read_storage(image, out) is out and np.array_equal(pixels_of(out, mode), expected)
     if mode == "RGB":  # Pillow's own RGBX bytes, pad byte included
         assert out.tobytes() == image.tobytes("raw", "RGBX")
-
-
-def pixels_of(storage, mode):
-    """np.asarray's pixels in `read_storage`'s array (RGB: without the pad byte)."""
-    return storage[..., :3] if mode == "RGB" else storage
 
 
 def test_read_storage_of_a_mapped_image_and_a_crop():
