@@ -65,8 +65,18 @@ def test_halos_come_from_the_architecture():
 
 def test_axis_tiles_cover_once_and_clip():
     tiles = axis_tiles(20, 6, 3)
-    assert tiles == [(0, 9, 0, 6), (3, 15, 6, 12), (9, 20, 12, 18), (15, 20, 18, 20)]
+    assert tiles == [(0, 8, 0, 5), (2, 13, 5, 10), (7, 18, 10, 15), (12, 20, 15, 20)]
     assert axis_tiles(4, 6, 3) == [(0, 4, 0, 4)]
+
+
+def test_axis_tiles_are_the_fewest_cores_of_equal_length_on_the_unit_grid():
+    # 2160 image pixels (270 latent pixels) in cores of at most 1024: three of 720, not 1024, 1024 and a thin 112
+    assert [c1 - c0 for _, _, c0, c1 in axis_tiles(270, 128, 13)] == [90, 90, 90]
+    assert [(c0, c1) for _, _, c0, c1 in axis_tiles(2160, 1024, 72, unit=8)] == [(0, 720), (720, 1440), (1440, 2160)]
+    cores = [c1 - c0 for _, _, c0, c1 in axis_tiles(1000, 128, 0, unit=8)]
+    assert len(cores) == 8 and set(cores) == {120, 128} and sum(cores) == 1000
+    with pytest.raises(ValueError, match="multiples of unit"):
+        axis_tiles(1004, 128, 0, unit=8)
 
 
 def test_tiles_place_crops_on_the_output_grid():
@@ -80,7 +90,7 @@ def test_tiles_place_crops_on_the_output_grid():
         covered[t.output] += 1
     assert bool((covered == 1).all())
     enc = encoder_tiles((40, 104), 32, 16)
-    assert enc[0].window == (slice(0, 40), slice(0, 48)) and enc[0].crop == (slice(0, 4), slice(0, 4))
+    assert enc[0].window == (slice(0, 40), slice(0, 48)) and enc[0].crop == (slice(0, 3), slice(0, 4))
     with pytest.raises(ValueError, match="multiple of 8"):
         encoder_tiles((40, 100), 32, 16)
 

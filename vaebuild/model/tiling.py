@@ -19,7 +19,8 @@ the interval of inputs an output interval depends on, back to the window's input
 beyond the core on either side: in latent pixels for the decoder tail; in image pixels for the encoder down path,
 rounded up to a multiple of the downsampling (8), so every window starts on the stride-2 convolutions' grid.
 
-Placement (`decoder_tiles`, `encoder_tiles`): cores of `tile` pixels from the top-left, the last one smaller;
+Placement (`decoder_tiles`, `encoder_tiles`): along each axis the fewest cores of at most `tile` pixels, of equal
+length (within a latent pixel), so no window is a thin leftover and the largest window is as small as it can be;
 each window is the core plus the halo on every side, clipped to the input, so at the borders the window sees the
 real zero padding; the window's output is cropped to the core's part. Windows of an image smaller than one tile
 are the whole image.
@@ -273,15 +274,20 @@ def halos(vae_or_config):
 # ---------------------------------------------------------------------- placement
 
 
-def axis_tiles(size, core, halo):
-    """[(window start, window end, core start, core end)] along one axis of `size` pixels: cores of `core` from 0,
-    the last one smaller; windows = core +- halo clipped to [0, size)."""
-    if core <= 0 or halo < 0 or size <= 0:
-        raise ValueError(f"axis_tiles needs size, core > 0 and halo >= 0, got {size}, {core}, {halo}")
-    tiles = []
-    for start in range(0, size, core):
-        end = min(start + core, size)
+def axis_tiles(size, core, halo, unit=1):
+    """[(window start, window end, core start, core end)] along one axis of `size` pixels: the fewest cores of at
+    most `core` pixels, of equal length within one `unit` (cores start and end on multiples of `unit`); windows =
+    core +- halo clipped to [0, size)."""
+    if core <= 0 or halo < 0 or size <= 0 or unit <= 0 or size % unit or core % unit:
+        raise ValueError(f"axis_tiles needs size, core > 0 and halo >= 0, size and core multiples of unit, "
+                         f"got {size}, {core}, {halo}, {unit}")
+    count = -(-size // core)
+    units, longer = divmod(size // unit, count)  # the first `longer` cores get one unit more
+    tiles, start = [], 0
+    for index in range(count):
+        end = start + (units + (index < longer)) * unit
         tiles.append((max(0, start - halo), min(size, end + halo), start, end))
+        start = end
     return tiles
 
 
@@ -299,13 +305,13 @@ def _pair(value):
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _tiles(hw, core, halo, in_per_out):
-    """Tiles over an input of `hw`; `core` (an int or (h, w)) and `halo` in input pixels; the output has
-    1/in_per_out the side."""
+def _tiles(hw, core, halo, in_per_out, unit=1):
+    """Tiles over an input of `hw`; `core` (an int or (h, w)), `halo` and the cores' `unit` in input pixels; the
+    output has 1/in_per_out the side."""
     axes = []
     for size, core in zip(hw, _pair(core)):
         axis = []
-        for w0, w1, c0, c1 in axis_tiles(size, core, halo):
+        for w0, w1, c0, c1 in axis_tiles(size, core, halo, unit):
             crop = slice(_div(c0 - w0, in_per_out), _div(c1 - w0, in_per_out))
             axis.append((slice(w0, w1), crop, slice(_div(c0, in_per_out), _div(c1, in_per_out))))
         axes.append(axis)
@@ -332,4 +338,4 @@ def encoder_tiles(image_hw, tile, halo, scale=8):
     for name, value in checked:
         if value % scale:
             raise ValueError(f"encoder tiles need a {name} that is a multiple of {scale}, got {value}")
-    return _tiles(image_hw, tile, halo, scale)
+    return _tiles(image_hw, tile, halo, scale, unit=scale)
