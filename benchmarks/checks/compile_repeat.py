@@ -4,15 +4,19 @@
                                               --out OUT
 
 Recompiles the package `--engine` of the inductor folder DIR `--count` times, `--parallel` at a time, each in a
-fresh process with the settings the folder's build used (its weights file, kernel choices, profiles), then loads
+fresh process and a fresh inductor cache (so every attempt compiles and autotunes from nothing, as a build on a new
+machine does) with the settings the folder's build used (its weights file, kernel choices, profiles), then loads
 each new package in a one-engine copy of the folder and runs it once (the first run), checking the output is
 finite. Every attempt's outcome (ok, or the first line of its error and the process's exit) goes to
-OUT/compile_repeat.json, with the device; exit 1 when any attempt failed.
+OUT/compile_repeat.json, with the device; exit 1 when any attempt failed. A failed attempt keeps its inductor cache
+(OUT/packages/cache_NN: the generated kernels and wrapper, for compute-sanitizer); a passed one's is removed.
 """
 
 import argparse
 import json
 import multiprocessing
+import os
+import shutil
 import sys
 import time
 import traceback
@@ -32,6 +36,8 @@ from vaebuild.weights_file import WEIGHTS_NAME  # noqa: E402
 def attempt(args):
     """Compile and first-run one copy; returns {attempt, ok, seconds, error}."""
     folder, rel_path, out, index = args
+    cache = out / f"cache_{index:02d}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read when inductor first needs it, after this
     start = time.perf_counter()
     try:
         import torch
@@ -60,6 +66,8 @@ def attempt(args):
         y = runtime.encode(x) if entry["graph"] == "encoder" else runtime.decode(x)
         torch.cuda.synchronize()
         ok = bool(torch.isfinite(y).all())
+        if ok:
+            shutil.rmtree(cache, ignore_errors=True)
         return {"attempt": index, "ok": ok, "compile_s": round(compiled_s, 1),
                 "seconds": round(time.perf_counter() - start, 1), "error": None if ok else "non-finite output"}
     except BaseException as err:  # noqa: BLE001 - the attempt's outcome is the record
