@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from vaebuild.bench import BenchOptions, BenchSize, parse_sizes, render_markdown, run_bench
 from vaebuild.errors import UserInputError
+from vaebuild.runtime.engines import EngineUnavailableError
 from vaebuild.verify import FAIL, PASS, VerifyOptions, format_table, verify_build
 
 SPEC = """kind: multiprofile
@@ -33,6 +34,7 @@ profiles:
 DECODER_TILES = "tiles/vae_decoder_head.pt2,tiles/vae_decoder_tail.pt2"
 ENCODER_TILES = "tiles/vae_encoder_down.pt2,tiles/vae_encoder_rest.pt2"
 ROOT = Path(__file__).resolve().parents[1]
+METHOD = {"decoder": "decode", "encoder": "encode"}
 
 
 def quiet(*args, **kwargs):
@@ -161,6 +163,43 @@ def test_bench_has_tiled_rows_also_where_no_whole_image_engine_serves(vae, folde
     text = render_markdown(result)
     assert "decoder ms 3-D / 2-D / E1 / E2" in text
     assert "every size through its exact tiles of 48x64 (HxW; tiling=True)" in text
+
+
+# ---------------------------------------------------------------------- tiling="auto" after out of memory
+
+
+@pytest.mark.parametrize("graph", ["decoder", "encoder"])
+def test_auto_runs_a_whole_image_call_that_ran_out_of_memory_through_tiles(folder, graph, monkeypatch):
+    import torch
+
+    from vaebuild.runtime import VaeRuntime
+
+    runtime = VaeRuntime(folder, device="cpu", allow_fallback=False)
+    x = torch.randn(1, runtime.z_dim, 1, 10, 12) if graph == "decoder" else torch.rand(1, 3, 1, 80, 96) * 2 - 1
+    tiled = getattr(VaeRuntime(folder, device="cpu", allow_fallback=False, tiling=True), METHOD[graph])(x)
+    untiled = getattr(runtime, METHOD[graph])(x)
+    whole = runtime.last_route[graph].engine
+    assert runtime.last_route[graph].kind == "engine" and not whole.startswith("tiles/")
+    real_infer = runtime._infer
+
+    def infer(runner, entry, feed, profile=None):
+        if entry.rel_path == whole and out_of_memory:
+            out_of_memory.pop()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_infer(runner, entry, feed, profile)
+
+    out_of_memory = [True]
+    monkeypatch.setattr(runtime, "_infer", infer)
+    assert torch.equal(getattr(runtime, METHOD[graph])(x), tiled)
+    assert runtime.last_route[graph].kind == "tiles" and whole in runtime.resident_engines
+    assert torch.equal(getattr(runtime, METHOD[graph])(x), untiled)  # the next call: the whole-image engine again
+    assert runtime.last_route[graph].engine == whole
+
+    never = VaeRuntime(folder, device="cpu", allow_fallback=False, tiling=False)
+    monkeypatch.setattr(never, "_infer", infer)
+    out_of_memory.append(True)
+    with pytest.raises(EngineUnavailableError, match="ran out of memory"):
+        getattr(never, METHOD[graph])(x)
 
 
 # ---------------------------------------------------------------------- benchmarks/packages/tiles_bench.py

@@ -99,7 +99,8 @@ class VaeRuntime(EngineResidency):
         cuda_graphs: replay AOTInductor packages from CUDA graphs, one captured per input shape on its first
             call (fewer launch gaps; each captured shape keeps its intermediate tensors allocated). CUDA only.
         tiling: exact tiles (`vaebuild.runtime.tiling`): True always, False never, "auto" for sizes no whole-image
-            engine serves when the folder holds tile engines (`--tile`).
+            engine serves, and for whole-image calls that run out of GPU memory, when the folder holds tile engines
+            (`--tile`).
         """
         import torch
 
@@ -242,7 +243,10 @@ class VaeRuntime(EngineResidency):
                     out = self._infer(runner, entry, x, profile)
                 except Exception as err:  # foreign runtime: CUDA OOM, TensorRT errors, ...
                     # Not retried on another engine: after a CUDA fault that one would fail too (and never be retried).
-                    reason = self._run_failed(entry, err)
+                    reason, out_of_memory = self._run_failed(entry, err)
+                    if out_of_memory and self.tiles.wanted_after_out_of_memory(graph):
+                        logger.info("%s; running it through tiles", reason)
+                        return self.tiles.run(graph, x)
                 else:
                     self.last_route[graph] = Route("engine", entry.rel_path, profile.index)
                     return out

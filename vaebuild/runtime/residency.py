@@ -99,23 +99,23 @@ class EngineResidency:
             return sum(self.engine_bytes.get(rel, 0) for rel in self._runners)
 
     def _run_failed(self, entry, err):
-        """Why a call of `entry` that raised `err` is not served by it. Out of memory is transient (the call's own
-        buffers: they are freed as the error unwinds): the engine stays loaded and serves the next call. Any other
-        error marks the engine failed (never retried) and releases it."""
+        """(why a call of `entry` that raised `err` is not served by it, whether it ran out of memory). Out of memory
+        is transient (the call's own buffers: they are freed as the error unwinds): the engine stays loaded and
+        serves the next call. Any other error marks the engine failed (never retried) and releases it."""
         if isinstance(err, EngineUnavailableError):  # released by another thread, and loading it again failed
-            return str(err)
+            return str(err), False
         with self._lock:
             ooms, self._ooms_seen = self._ooms_seen, cuda_oom_count(self.device)
         if is_out_of_memory(err) or self._ooms_seen > ooms:
             logger.info("running %s ran out of memory (it stays loaded): %s", entry.rel_path, one_line(err))
             return (f"running {entry.rel_path} ran out of memory ({type(err).__name__}); "
-                    "it stays loaded for the next call")
+                    "it stays loaded for the next call"), True
         reason = str(err) if isinstance(err, _ProfileError) else (
             f"running {entry.rel_path} failed: {one_line(err, with_type=True)}")
         with self._lock:
             self._failed[entry.rel_path] = reason
             self._release(entry.rel_path)
-        return reason
+        return reason, False
 
     def _runner_for(self, entry, profile):
         """(active runner, None) or (None, reason); loads lazily within the memory budget (loaded with `profile`;

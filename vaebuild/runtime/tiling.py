@@ -9,10 +9,12 @@ memory stays one image's). The result equals the untiled graph (up to float summ
     tiling=False: never tile.
     tiling=True: always tile (tile engines where the folder has them and the window fits their range, else the
         PyTorch 2-D split graphs built from the runtime's fallback model).
-    tiling="auto" (the default): tile the sizes no whole-image engine serves, when the folder has tile engines for
-        that graph (`vaebuild static|multiprofile --tile HxW`). The `memory_budget` criterion (tile when the
-        whole-image run would not fit) is not applied: manifests do not record a run's activation memory, so there is
-        nothing to estimate it from; pass tiling=True for sizes you know do not fit.
+    tiling="auto" (the default): when the folder has tile engines for that graph (`vaebuild static|multiprofile
+        --tile HxW`), tile the sizes no whole-image engine serves, and run a whole-image call again through tiles
+        when it runs out of GPU memory (the whole-image engine stays loaded and is tried first next time: whether a
+        run fits is found by running it, as manifests record no activation memory to estimate it from; pass
+        tiling=True for sizes you know do not fit, to skip that attempt). `memory_budget` bounds the resident
+        engines only.
 The tile size is the folder's (`manifest["tiles"]["tile"]`, image pixels) or, without tile engines,
 `DEFAULT_TILE` (or what `EngineVae.enable_tiling(tile_sample_min_height=..., tile_sample_min_width=...)` set); the
 halo is always computed from the manifest's architecture (`vaebuild.model.tiling.halos`).
@@ -108,6 +110,10 @@ class TileRouter:
             return True
         return self.has_engines(graph) and self.runtime._plan(graph, tuple(x.shape))[0] is None
 
+    def wanted_after_out_of_memory(self, graph):
+        """Whether a whole-image call of `graph` that ran out of GPU memory is run again through tiles."""
+        return self.tiling == "auto" and self.has_engines(graph)
+
     def run(self, graph, x):
         """The tiled output of `graph` for `x` (the runtime's I/O contract), recording the runtime's `last_route`."""
         from vaebuild.runtime.engines import Route
@@ -145,7 +151,7 @@ class TileRouter:
                     try:
                         out = runtime._infer(runner, entry, x)
                     except Exception as err:  # foreign runtime: CUDA OOM, ...
-                        reason = runtime._run_failed(entry, err)  # the runtime's own rule (out of memory is transient)
+                        reason, _ = runtime._run_failed(entry, err)  # the runtime's rule (out of memory is transient)
                     else:
                         used.append(entry.rel_path)
                         return out
