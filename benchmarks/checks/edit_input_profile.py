@@ -10,7 +10,6 @@ the upload (pageable RGB against pinned RGB and RGBX), the Pillow-exact LANCZOS 
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vaebuild.fileio import write_json, write_text  # noqa: E402
 from vaebuild.pixels.lanczos import resize_lanczos, resize_pil_lanczos  # noqa: E402
 from vaebuild.pixels.pil import THREADS, read_storage, to_pil_images, upload_pixels  # noqa: E402
 
@@ -82,12 +82,11 @@ def main():
              "| stage | median ms |", "|---|---:|", *(f"| {name} | {ms:.2f} |" for name, ms in rows)]
     print("\n".join(lines))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         record = {"benchmark": "vaebuild edit input profile", "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "photo_size": args.photo_size, "size": args.size, "threads": THREADS,
                   "rows": [{"stage": name, "median_ms": round(ms, 3)} for name, ms in rows]}
-        (args.out / "edit_input_profile.json").write_text(json.dumps(record, indent=2) + "\n")
-        (args.out / "edit_input_profile.md").write_text("\n".join(lines) + "\n")
+        write_json(args.out / "edit_input_profile.json", record)
+        write_text(args.out / "edit_input_profile.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
